@@ -1,0 +1,186 @@
+"""The background learner: one thread that owns the writes of interactions and new memories.
+
+The proxy hands each finished exchange to ``LearnerWorker.submit``, which never blocks: the queue
+is bounded, and a full queue drops the row and counts it (the request path is never slowed by
+the database). The thread writes teacher-log rows in batches, then extracts the user's statements
+about themselves from the latest user turn and stores them as memories. ``stop`` drains the
+queue, so a graceful shutdown (SIGTERM) loses nothing that was accepted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from learner.extract import Fact, extract_facts
+from learner.teacher import assemble
+from memory import Embedder, InteractionRecord, MemoryStore
+
+log = structlog.get_logger("memlane.learner")
+
+_STOP = object()
+_BATCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One chat interaction as the proxy saw it."""
+
+    request_id: str
+    user_id: str
+    created_at: datetime
+    model: str
+    provider: str
+    stream: bool
+    status_code: int
+    error: str | None
+    request_received: dict
+    request_sent: dict | None
+    response_raw: bytes
+    latency_ms: float
+    ttft_ms: float | None
+    user_text: str | None  # the latest user turn, the only text facts are taken from
+
+
+class LearnerObserver(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+    def dropped(self) -> None: ...
+    def written(self, rows: int) -> None: ...
+    def extracted(self, memories: int) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, depth: int) -> None: ...
+    def dropped(self) -> None: ...
+    def written(self, rows: int) -> None: ...
+    def extracted(self, memories: int) -> None: ...
+
+
+@dataclass
+class LearnerWorker:
+    store: MemoryStore
+    embedder: Embedder
+    maxsize: int = 10_000
+    observer: LearnerObserver = field(default_factory=_NullObserver)
+    extractor: Callable[[str], list[Fact]] = extract_facts
+
+    def __post_init__(self) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(self.maxsize)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="memlane-learner", daemon=True)
+            self._thread.start()
+
+    def submit(self, exchange: Exchange) -> bool:
+        try:
+            self._queue.put_nowait(exchange)
+        except queue.Full:
+            self.observer.dropped()
+            log.warning("teacher_log_dropped", request_id=exchange.request_id, queue_size=self.maxsize)
+            return False
+        self.observer.queue_depth(self._queue.qsize())
+        return True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write everything accepted so far, then end the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("learner_stop_timeout", pending=self._queue.qsize())
+        self._thread = None
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far is processed (tests, CLI)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._next_batch()
+            if batch:
+                self._process(batch)
+            for _ in range(len(batch) + stopping):
+                self._queue.task_done()
+            self.observer.queue_depth(self._queue.qsize())
+            if stopping:
+                return
+
+    def _next_batch(self) -> tuple[list[Exchange], bool]:
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        while len(batch) < _BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True  # type: ignore[return-value]
+            batch.append(item)
+        return batch, False  # type: ignore[return-value]
+
+    def _process(self, batch: Sequence[Exchange]) -> None:
+        try:
+            self.store.log_interactions([to_record(e) for e in batch])
+            self.observer.written(len(batch))
+        except Exception as exc:  # per batch: log with the exception and go on to extraction
+            log.error("teacher_log_write_failed", rows=len(batch), error=repr(exc))
+        for exchange in batch:
+            if exchange.status_code >= 400 or not exchange.user_text:
+                continue
+            try:
+                self._learn(exchange)
+            except Exception as exc:
+                log.error("job_failed", step="extract", request_id=exchange.request_id, error=repr(exc))
+
+    def _learn(self, exchange: Exchange) -> None:
+        facts = self.extractor(exchange.user_text or "")
+        if not facts:
+            return
+        vectors = self.embedder.embed([f.content for f in facts])
+        created = 0
+        for fact, vector in zip(facts, vectors, strict=True):
+            _, is_new = self.store.add(
+                exchange.user_id, fact.content, source="extractor:rules",
+                source_ref=exchange.request_id, embedding=vector,
+            )
+            created += is_new
+        if created:
+            self.observer.extracted(created)
+        log.info("memories_extracted", request_id=exchange.request_id, facts=len(facts), created=created)
+
+
+def to_record(exchange: Exchange) -> InteractionRecord:
+    answer, usage = assemble(exchange.response_raw, stream=exchange.stream) if exchange.response_raw else (None, None)
+    return InteractionRecord(
+        request_id=exchange.request_id,
+        user_id=exchange.user_id,
+        created_at=exchange.created_at,
+        model=exchange.model,
+        provider=exchange.provider,
+        stream=exchange.stream,
+        status_code=exchange.status_code,
+        error=exchange.error,
+        request_received=exchange.request_received,
+        request_sent=exchange.request_sent,
+        response=answer,
+        usage=usage,
+        latency_ms=exchange.latency_ms,
+        ttft_ms=exchange.ttft_ms,
+    )

@@ -1,0 +1,205 @@
+"""The app factory. Resources open in the lifespan and reach handlers through app state.
+
+Anything passed in (store, embedder, local model, HTTP client, upstreams) is used as given and
+left open for the caller; anything built here is closed here. Shutdown drains the learner's
+queue before the store closes, so every interaction accepted before SIGTERM is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+
+import httpx
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from adapters import LocalModel
+from learner import LearnerWorker
+from memory import BatchingEmbedder, Embedder, HashEmbedder, MemoryStore, MiniLMEmbedder
+from proxy import routes
+from proxy.auth import KeyRing
+from proxy.chat import chat_completions
+from proxy.errors import NotFound, ProxyError, error_response
+from proxy.local import LocalUpstream
+from proxy.memories_api import forget_memory, memories_collection
+from proxy.metrics import Metrics
+from proxy.middleware import RequestContextMiddleware
+from proxy.recall import Recaller
+from proxy.settings import Settings
+from proxy.state import AppState, DroppingSink
+from proxy.translate import LiteLLMUpstream
+from proxy.upstream import ChatUpstream, OpenAIUpstream
+
+log = structlog.get_logger("memlane.app")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: MemoryStore | None = None,
+    embedder: Embedder | None = None,
+    local_model: LocalModel | None = None,
+    http_client: httpx.AsyncClient | None = None,
+    upstreams: dict[str, ChatUpstream] | None = None,
+) -> Starlette:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            client = http_client or await stack.enter_async_context(_http_client(settings))
+            emb = embedder or _embedder(settings)
+            the_store = store or _open_store(settings, emb)
+            model = local_model or LocalModel(
+                cache_dir=settings.model_cache, model_dir=settings.local_model_dir, name=settings.local_model_name
+            )
+            if store is None and the_store is not None:
+                stack.callback(the_store.close)
+            learner = _start_learner(settings, the_store, emb, metrics, stack)
+            background = _warm_up(settings, emb, model, the_store)
+            app.state.memlane = AppState(
+                settings=settings,
+                keyring=KeyRing(settings.keys),
+                metrics=metrics,
+                upstreams=upstreams or _upstreams(settings, client, model),
+                recaller=Recaller(
+                    the_store, BatchingEmbedder(emb) if the_store is not None else None, metrics,
+                    enabled=settings.memory, top_k=settings.memory_top_k,
+                    min_score=settings.memory_min_score, token_cap=settings.memory_token_cap,
+                ),
+                learner=learner,
+                store=the_store,
+                embedder=emb,
+                local_model=model,
+                background=background,
+            )
+            log.info("memlane_started", memory=settings.memory, open_mode=settings.open_mode,
+                     routes=[f"{r.match}->{r.provider}" for r in settings.routes])
+            yield
+            log.info("memlane_stopping")
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", routes.list_models, methods=["GET"]),
+            Route("/v1/memories", memories_collection, methods=["GET", "POST"]),
+            Route("/v1/memories/{memory_id}", forget_memory, methods=["DELETE"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes)
+        ],
+        exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
+        lifespan=lifespan,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    timeout = httpx.Timeout(settings.upstream_timeout_s, connect=settings.upstream_connect_timeout_s)
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        yield client
+
+
+def _embedder(settings: Settings) -> Embedder:
+    return HashEmbedder() if settings.embedder == "hash" else MiniLMEmbedder()
+
+
+def _open_store(settings: Settings, emb: Embedder) -> MemoryStore | None:
+    try:
+        return MemoryStore.open(settings.database, embedder=emb)
+    except Exception as exc:  # chat keeps working without memory; readyz and headers say so
+        log.error("memory_store_unavailable", database=str(settings.database), error=repr(exc))
+        return None
+
+
+def _start_learner(settings, the_store, emb, metrics, stack):  # type: ignore[no-untyped-def]
+    if the_store is None:
+        return DroppingSink(metrics)
+    learner = LearnerWorker(the_store, emb, maxsize=settings.log_queue_size, observer=_Observer(metrics))
+    learner.start()
+    stack.callback(learner.stop)
+    return learner
+
+
+def _warm_up(settings: Settings, emb: Embedder, model: LocalModel, the_store: MemoryStore | None) -> list:
+    """Load the models in the background so start-up is instant and the first request is not."""
+    jobs = []
+    if settings.memory and the_store is not None and hasattr(emb, "load"):
+        jobs.append(emb.load)
+    if settings.preload_local_model and any(r.provider == "local" for r in settings.routes):
+        jobs.append(model.load)
+    threads = []
+    for job in jobs:
+        t = threading.Thread(target=_quietly(job), name=f"memlane-warmup-{job.__qualname__}", daemon=True)
+        t.start()
+        threads.append(t)
+    return threads
+
+
+def _quietly(job):  # type: ignore[no-untyped-def]
+    def run() -> None:
+        try:
+            job()
+        except Exception as exc:  # readyz reports it; requests retry the load and get a clear error
+            log.error("warmup_failed", job=job.__qualname__, error=repr(exc))
+
+    return run
+
+
+def _upstreams(settings: Settings, client: httpx.AsyncClient, model: LocalModel) -> dict[str, ChatUpstream]:
+    providers = {r.provider for r in settings.routes}
+    out: dict[str, ChatUpstream] = {}
+    if "local" in providers:
+        out["local"] = LocalUpstream(model)
+    if "openai" in providers:
+        out["openai"] = OpenAIUpstream(client)
+    for provider in ("anthropic", "ollama"):
+        if provider in providers:
+            out[provider] = LiteLLMUpstream(provider, timeout_s=settings.upstream_timeout_s)
+    return out
+
+
+class _Observer:
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def queue_depth(self, depth: int) -> None:
+        self.m.log_queue_depth.set(depth)
+
+    def dropped(self) -> None:
+        self.m.log_rows_dropped.inc()
+
+    def written(self, rows: int) -> None:
+        self.m.log_rows_written.inc(rows)
+
+    def extracted(self, memories: int) -> None:
+        self.m.memories_extracted.inc(memories)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err: ProxyError = NotFound(f"Unknown path {request.url.path}.", code="unknown_url")
+    elif exc.status_code == 405:
+        err = ProxyError(f"Method {request.method} is not allowed on {request.url.path}.",
+                         status=405, code="method_not_allowed")
+        err.type = "invalid_request_error"
+    else:
+        err = ProxyError(str(exc.detail), status=exc.status_code)
+    return error_response(err)
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return error_response(exc)

@@ -1,0 +1,167 @@
+"""The ``memlane`` command: ``serve`` and ``memories list | search | add | forget``.
+
+The memory commands open the database file directly. DuckDB lets one process hold a file, so
+when a running server holds it they go through that server's ``/v1/memories`` API instead
+(``--url``, ``MEMLANE_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from proxy.settings import Settings, SettingsError
+
+app = typer.Typer(help="memlane: a memory layer for any OpenAI-compatible client.", no_args_is_help=True)
+memories = typer.Typer(help="Inspect and edit one user's memories.", no_args_is_help=True)
+app.add_typer(memories, name="memories")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.", exists=True, dir_okay=False)]
+DbOpt = Annotated[Path | None, typer.Option("--db", help="DuckDB file (default: MEMLANE_DATABASE or memlane.duckdb).")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return Settings.from_env(os.environ, config_file=config, **overrides)
+    except SettingsError as exc:
+        console.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8080).")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+    log_format: Annotated[str | None, typer.Option(help="json (default) or console.")] = None,
+) -> None:
+    """Run the proxy."""
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    settings = _settings(config, host=host, port=port, database=db, log_format=log_format)
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+    )
+
+
+UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id.")]
+UrlOpt = Annotated[str, typer.Option("--url", help="Server to use when it holds the database.")]
+
+
+class _Memories:
+    """Direct file access, or the running server's API when it holds the file."""
+
+    def __init__(self, db: Path | None, config: Path | None, url: str) -> None:
+        self.settings = _settings(config, database=db)
+        self.url = url.rstrip("/")
+        self.store = None
+        try:
+            import duckdb
+
+            from memory import MemoryStore, MiniLMEmbedder
+
+            self.store = MemoryStore.open(self.settings.database, embedder=MiniLMEmbedder())
+        except duckdb.IOException:
+            console.print(f"[dim]{self.settings.database} is held by a running server; using {self.url}[/dim]")
+
+    def call(self, method: str, path: str, user: str, **kw: Any) -> Any:
+        headers = {"x-memlane-user": user}
+        key = os.environ.get("MEMLANE_API_KEY")
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        try:
+            response = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kw)
+        except httpx.HTTPError as exc:
+            console.print(f"[red]cannot reach {self.url}: {exc}[/red]")
+            raise typer.Exit(1) from exc
+        if response.status_code >= 400:
+            console.print(f"[red]{response.status_code}: {response.json().get('error', {}).get('message')}[/red]")
+            raise typer.Exit(1)
+        return response.json()
+
+
+def _table(rows: list[dict], *, scored: bool = False) -> None:
+    table = Table("id", "content", "source", "created", *(["score"] if scored else []))
+    for r in rows:
+        extra = [f"{r['score']:.3f}"] if scored and r.get("score") is not None else ([""] if scored else [])
+        table.add_row(r["id"], r["content"], r["source"], str(r["created_at"])[:19], *extra)
+    console.print(table)
+
+
+def _row(memory: Any) -> dict:
+    return {"id": memory.id, "content": memory.content, "source": memory.source,
+            "created_at": memory.created_at, "score": memory.score}
+
+
+@memories.command("list")
+def list_memories(user: UserOpt, limit: int = 100, db: DbOpt = None, config: ConfigOpt = None,
+                  url: UrlOpt = "http://127.0.0.1:8080") -> None:
+    """List a user's memories, newest first."""
+    m = _Memories(db, config, url)
+    if m.store is not None:
+        rows = [_row(x) for x in m.store.list(user, limit=limit)]
+    else:
+        rows = m.call("GET", "/v1/memories", user, params={"limit": limit})["data"]
+    _table(rows)
+
+
+@memories.command("search")
+def search_memories(query: str, user: UserOpt, k: int = 5, db: DbOpt = None, config: ConfigOpt = None,
+                    url: UrlOpt = "http://127.0.0.1:8080") -> None:
+    """Search a user's memories by meaning."""
+    m = _Memories(db, config, url)
+    if m.store is not None:
+        rows = [_row(x) for x in m.store.search_text(user, query, k=k)]
+    else:
+        rows = m.call("GET", "/v1/memories", user, params={"q": query, "limit": k})["data"]
+    _table(rows, scored=True)
+
+
+@memories.command("add")
+def add_memory(content: str, user: UserOpt, db: DbOpt = None, config: ConfigOpt = None,
+               url: UrlOpt = "http://127.0.0.1:8080") -> None:
+    """Add a memory for a user (e.g. 'The user is allergic to peanuts.')."""
+    m = _Memories(db, config, url)
+    if m.store is not None:
+        memory, created = m.store.add(user, content, source="cli")
+        memory_id = memory.id
+    else:
+        memory_id = m.call("POST", "/v1/memories", user, json={"content": content})["id"]
+        created = True
+    console.print(f"{'added' if created else 'already known'}: {memory_id}")
+
+
+@memories.command("forget")
+def forget_memory(memory_id: str, user: UserOpt, db: DbOpt = None, config: ConfigOpt = None,
+                  url: UrlOpt = "http://127.0.0.1:8080") -> None:
+    """Delete one of a user's memories for good."""
+    m = _Memories(db, config, url)
+    if m.store is not None:
+        if not m.store.forget(user, memory_id):
+            console.print(f"[red]no memory {memory_id} for user {user}[/red]")
+            raise typer.Exit(1)
+    else:
+        m.call("DELETE", f"/v1/memories/{memory_id}", user)
+    console.print(f"forgotten: {memory_id}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

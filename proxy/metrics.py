@@ -1,0 +1,57 @@
+"""Prometheus metrics, on a registry owned by one app (tests build many apps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "memlane_requests", "HTTP requests served", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "memlane_request_seconds", "Time from request to last response byte", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "memlane_overhead_seconds",
+            "Time the proxy itself adds to a chat request (total minus time waiting on the upstream)",
+            ["provider", "memory"], buckets=_OVERHEAD_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "memlane_time_to_first_token_seconds", "Time from request to the first streamed content byte",
+            ["provider"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "memlane_upstream_errors", "Upstream calls that failed", ["provider", "code"], registry=r
+        )
+        self.memories_injected = Histogram(
+            "memlane_memories_injected", "Memories injected per chat request",
+            buckets=(0, 1, 2, 3, 5, 8, 13, 21), registry=r,
+        )
+        self.memory_failures = Counter(
+            "memlane_memory_failures", "Chat requests answered without memory because the store failed",
+            registry=r,
+        )
+        self.log_queue_depth = Gauge(
+            "memlane_log_queue_depth", "Interactions waiting to be written to the teacher log", registry=r
+        )
+        self.log_rows_dropped = Counter(
+            "memlane_log_rows_dropped", "Teacher-log rows dropped because the queue was full", registry=r
+        )
+        self.log_rows_written = Counter(
+            "memlane_log_rows_written", "Teacher-log rows written", registry=r
+        )
+        self.memories_extracted = Counter(
+            "memlane_memories_extracted", "Memories created by the extractor", registry=r
+        )

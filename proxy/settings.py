@@ -1,0 +1,185 @@
+"""Service settings: one frozen object, built once in ``main()`` and passed down.
+
+Sources, lowest to highest priority: defaults, an optional TOML config file, ``MEMLANE_*``
+environment variables, then explicit overrides (CLI flags). Upstream API keys are never part of
+the config file: a route names the environment variable that holds its key (``api_key_env``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+Provider = Literal["openai", "anthropic", "ollama", "local"]
+LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class KeyConfig(BaseModel):
+    """A proxy API key and the user it stands for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user: str = Field(min_length=1, max_length=128)
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sub_users: bool = False  # may pick a sub-user with `user` or X-Memlane-User
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+    def model_post_init(self, _: Any) -> None:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"key for user {self.user!r}: set exactly one of key or key_sha256")
+
+
+class RouteConfig(BaseModel):
+    """Send models whose name matches ``match`` (a glob) to one upstream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    match: str
+    provider: Provider
+    api_base: str | None = None
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    api_key: SecretStr | None = None  # resolved from api_key_env, never read from a file
+    strip_prefix: str | None = None  # e.g. "ollama/" -> upstream sees "llama3"
+    models: tuple[str, ...] = ()  # advertised by /v1/models
+
+    def matches(self, model: str) -> bool:
+        return fnmatch.fnmatchcase(model, self.match)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEMLANE_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    database: Path = Path("memlane.duckdb")
+    model_cache: Path = Path.home() / ".cache" / "memlane" / "models"
+    local_model_dir: Path | None = None  # any HF causal-LM folder; default: SmolLM2 GGUF
+    local_model_name: str = LOCAL_MODEL_NAME
+    preload_local_model: bool = True  # load in the background at start-up
+
+    keys: tuple[KeyConfig, ...] = ()  # empty: open mode, single local user "default"
+    routes: tuple[RouteConfig, ...] = ()  # empty: built from OPENAI_API_KEY etc.
+
+    memory: bool = True
+    memory_top_k: int = Field(default=5, ge=0, le=50)
+    memory_min_score: float = Field(default=0.2, ge=-1.0, le=1.0)
+    memory_token_cap: int = Field(default=400, ge=0)
+    embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
+
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    log_queue_size: int = Field(default=10_000, gt=0)
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[override]
+        # Only explicit data: `from_env` decides what the environment contributes.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str],
+        *,
+        config_file: Path | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Build settings from a mapping (``os.environ`` in production, a dict in tests)."""
+        data: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                data.update(tomllib.loads(Path(config_file).read_text()))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"config file {config_file}: {exc}") from exc
+        data.update(_MappingEnvSource(cls, env)())
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        routes = data.get("routes") or default_routes(env)
+        data["routes"] = [_resolve_key(r, env) for r in routes]
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from exc
+
+    @property
+    def open_mode(self) -> bool:
+        return not self.keys
+
+    def route_for(self, model: str) -> RouteConfig | None:
+        return next((r for r in self.routes if r.matches(model)), None)
+
+
+class SettingsError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment parsing, over a mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._mapping = dict(env)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def default_routes(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Routes implied by the usual provider environment variables; ``local/*`` always."""
+    routes: list[dict[str, Any]] = [
+        {"match": "local/*", "provider": "local", "strip_prefix": "local/"},
+    ]
+    if env.get("OLLAMA_HOST") or env.get("OLLAMA_API_BASE"):
+        base = env.get("OLLAMA_API_BASE") or env["OLLAMA_HOST"]
+        if not base.startswith("http"):
+            base = f"http://{base}"
+        routes.append({"match": "ollama/*", "provider": "ollama", "api_base": base, "strip_prefix": "ollama/"})
+    if env.get("ANTHROPIC_API_KEY"):
+        routes.append(
+            {
+                "match": "claude-*",
+                "provider": "anthropic",
+                "api_base": env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
+                "api_key_env": "ANTHROPIC_API_KEY",
+            }
+        )
+    if env.get("OPENAI_API_KEY"):
+        base = env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        for pattern in ("gpt-*", "o[0-9]*", "chatgpt-*", "text-embedding-*"):
+            routes.append({"match": pattern, "provider": "openai", "api_base": base, "api_key_env": "OPENAI_API_KEY"})
+    return routes
+
+
+def _resolve_key(route: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(route, RouteConfig):
+        route = route.model_dump()
+    route = dict(route)
+    if "api_key" in route and route.get("api_key") is not None and not route.get("api_key_env"):
+        raise SettingsError(f"route {route.get('match')!r}: put the key in the environment and name it in api_key_env")
+    name = route.get("api_key_env")
+    if name:
+        route["api_key"] = env.get(name)
+    return route
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = "MEMLANE_" + "__".join(str(p).upper() for p in err["loc"]) if err["loc"] else "settings"
+        parts.append(f"{key}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)

@@ -1,0 +1,158 @@
+"""Upstreams: where a chat request goes after enrichment.
+
+Every upstream opens a call and returns an ``UpstreamReply`` once the upstream has answered with
+a success status; errors before that point are raised as ``ProxyError``s. The reply's body is an
+async iterator of bytes: OpenAI-shaped SSE when streaming, one JSON document otherwise.
+
+``OpenAIUpstream`` forwards OpenAI-compatible upstreams byte for byte over one pooled
+``httpx.AsyncClient``. Anthropic and Ollama go through litellm (``proxy/translate.py``), the
+embedded model through ``proxy/local.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from proxy.errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
+from proxy.settings import RouteConfig
+
+# Upstream response headers worth passing on to the client.
+_FORWARDED_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-")
+
+
+@dataclass
+class UpstreamReply:
+    body: AsyncIterator[bytes]
+    provider: str
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = "application/json"
+    upstream_s: float = 0.0  # seconds spent waiting on the upstream, updated while iterating
+    _close: Callable[[], object] | None = None
+
+    async def aclose(self) -> None:
+        if self._close is not None:
+            result = self._close()
+            if hasattr(result, "__await__"):
+                await result  # type: ignore[misc]
+            self._close = None
+
+
+class ChatUpstream(Protocol):
+    provider: str
+
+    async def open(self, route: RouteConfig, body: dict, *, stream: bool) -> UpstreamReply: ...
+
+
+def upstream_model(route: RouteConfig, model: str) -> str:
+    if route.strip_prefix and model.startswith(route.strip_prefix):
+        return model[len(route.strip_prefix):]
+    return model
+
+
+class OpenAIUpstream:
+    """Any OpenAI-compatible server: bytes in, bytes out, nothing re-encoded."""
+
+    provider = "openai"
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def open(self, route: RouteConfig, body: dict, *, stream: bool) -> UpstreamReply:
+        if not route.api_base:
+            raise UpstreamError(f"route {route.match!r} has no api_base", code="upstream_not_configured")
+        headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
+        if route.api_key is not None:
+            headers["authorization"] = f"Bearer {route.api_key.get_secret_value()}"
+        payload = dict(body, model=upstream_model(route, body["model"]))
+        request = self._client.build_request(
+            "POST", route.api_base.rstrip("/") + "/chat/completions", headers=headers, content=json.dumps(payload)
+        )
+        started = time.perf_counter()
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"{self.provider} upstream timed out") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self.provider} upstream unreachable: {type(exc).__name__}") from exc
+        if response.status_code >= 400:
+            content = await response.aread()
+            await response.aclose()
+            raise upstream_status_error(self.provider, response.status_code, content, response.headers)
+
+        reply = UpstreamReply(
+            body=_empty(),
+            provider=self.provider,
+            headers=forwarded_headers(response.headers),
+            media_type=response.headers.get("content-type", "application/json").split(";")[0],
+            upstream_s=time.perf_counter() - started,
+            _close=response.aclose,
+        )
+        reply.body = _timed_raw(response, reply)
+        return reply
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover
+
+
+async def _timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
+    try:
+        chunks = response.aiter_raw()
+        while True:
+            t = time.perf_counter()
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout("upstream timed out while streaming") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
+            finally:
+                reply.upstream_s += time.perf_counter() - t
+            yield chunk
+    finally:
+        await response.aclose()
+
+
+def forwarded_headers(headers: httpx.Headers) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower().startswith(_FORWARDED_PREFIXES)}
+    if "x-request-id" in headers:
+        out["x-upstream-request-id"] = headers["x-request-id"]
+    return out
+
+
+def upstream_status_error(provider: str, status: int, content: bytes, headers: httpx.Headers) -> ProxyError:
+    """Map an upstream error status to what the client sees."""
+    message, param, code = _upstream_error_fields(content)
+    if status == 429:
+        extra = {k: headers[k] for k in ("retry-after", "retry-after-ms") if k in headers}
+        return RateLimited(message or f"{provider} upstream rate limit", param=param, code=code, headers=extra)
+    if status in (401, 403):
+        # The client's own key was fine (we checked it); memlane's upstream key was not.
+        return UpstreamError(f"{provider} upstream rejected memlane's credentials ({status})", code="upstream_auth_failed")
+    if 400 <= status < 500:
+        err = ProxyError(message or f"{provider} upstream rejected the request ({status})", param=param, code=code, status=status)
+        err.type = "invalid_request_error"
+        return err
+    return UpstreamError(f"{provider} upstream failed with status {status}" + (f": {message}" if message else ""))
+
+
+def _upstream_error_fields(content: bytes) -> tuple[str | None, str | None, str | None]:
+    try:
+        err = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        return None, None, None
+    if isinstance(err, dict):
+        code = err.get("code")
+        return err.get("message"), err.get("param"), str(code) if code is not None else None
+    if isinstance(err, str):
+        return err, None, None
+    return None, None, None

@@ -1,0 +1,172 @@
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memory import BatchingEmbedder, HashEmbedder, MemoryStore, MiniLMEmbedder
+
+
+class GatedEmbedder:
+    """HashEmbedder that records each batch and can hold the model busy."""
+
+    def __init__(self, fail_with: Exception | None = None) -> None:
+        self.inner = HashEmbedder()
+        self.dim = self.inner.dim
+        self.batches: list[list[str]] = []
+        self.busy = threading.Event()  # set while a batch is inside the model
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_with = fail_with
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.batches.append(list(texts))
+        self.busy.set()
+        self.release.wait(timeout=5)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self.inner.embed(texts)
+
+
+async def wait_until_busy(model: GatedEmbedder) -> None:
+    assert await asyncio.to_thread(model.busy.wait, 5)
+
+
+# -- HashEmbedder -------------------------------------------------------------
+
+
+def test_hash_embedder_is_deterministic_unit_vectors_ranking_by_word_overlap() -> None:
+    embedder = HashEmbedder()
+    texts = ["The user is allergic to peanuts.", "Allergic to PEANUTS", "I like sailing", "!!!"]
+    vectors = embedder.embed(texts)
+
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    assert np.array_equal(vectors, HashEmbedder().embed(texts))
+    assert vectors[0] @ vectors[1] > 0.5 > abs(vectors[0] @ vectors[2])
+    assert HashEmbedder(dim=16).embed(["x"]).shape == (1, 16)
+    assert HashEmbedder().embed([]).shape == (0, 384)
+
+
+def test_minilm_embedder_does_not_load_on_construction() -> None:
+    embedder = MiniLMEmbedder()
+    assert embedder.dim == 384 and embedder.loaded is False
+    assert embedder.embed([]).shape == (0, 384)
+    assert embedder.loaded is False
+
+
+# -- BatchingEmbedder ----------------------------------------------------------
+
+
+async def test_calls_arriving_while_the_model_is_busy_share_one_batch() -> None:
+    model = GatedEmbedder()
+    batcher = BatchingEmbedder(model)
+    model.release.clear()
+
+    first = asyncio.create_task(batcher.embed_one("first"))
+    await wait_until_busy(model)  # the first call started a batch on its own
+    texts = [f"text {i}" for i in range(10)]
+    rest = [asyncio.create_task(batcher.embed_one(t)) for t in texts]
+    await asyncio.sleep(0.05)
+    model.release.set()
+    results = await asyncio.gather(first, *rest)
+
+    assert model.batches == [["first"], texts]
+    assert batcher.batches_run == 2 < len(results)
+    expected = HashEmbedder().embed(["first", *texts])
+    for got, want in zip(results, expected):
+        assert got.shape == (384,) and got.dtype == np.float32
+        assert np.array_equal(got, want)
+
+
+async def test_concurrent_callers_need_fewer_model_calls_than_callers() -> None:
+    model = GatedEmbedder()
+    batcher = BatchingEmbedder(model)
+    texts = [f"memory {i}" for i in range(40)]
+
+    results = await asyncio.gather(*(batcher.embed_one(t) for t in texts))
+
+    assert len(model.batches) < len(texts)
+    assert np.array_equal(np.stack(results), HashEmbedder().embed(texts))
+
+
+async def test_batches_are_capped_at_max_batch() -> None:
+    model = GatedEmbedder()
+    batcher = BatchingEmbedder(model, max_batch=4)
+    model.release.clear()
+    first = asyncio.create_task(batcher.embed_one("first"))
+    await wait_until_busy(model)
+    rest = [asyncio.create_task(batcher.embed_one(f"t{i}")) for i in range(10)]
+    await asyncio.sleep(0.05)
+    model.release.set()
+    await asyncio.gather(first, *rest)
+
+    assert [len(batch) for batch in model.batches] == [1, 4, 4, 2]
+
+
+async def test_a_failing_batch_raises_in_every_caller_and_the_next_call_works() -> None:
+    model = GatedEmbedder(fail_with=RuntimeError("model crashed"))
+    batcher = BatchingEmbedder(model)
+
+    outcomes = await asyncio.gather(
+        *(batcher.embed_one(f"t{i}") for i in range(5)), return_exceptions=True
+    )
+    assert len(outcomes) == 5
+    assert all(isinstance(o, RuntimeError) and str(o) == "model crashed" for o in outcomes)
+
+    model.fail_with = None
+    assert (await batcher.embed_one("again")).shape == (384,)
+
+
+async def test_a_cancelled_caller_does_not_break_the_others() -> None:
+    model = GatedEmbedder()
+    batcher = BatchingEmbedder(model)
+    model.release.clear()
+    first = asyncio.create_task(batcher.embed_one("first"))
+    await wait_until_busy(model)
+    doomed = asyncio.create_task(batcher.embed_one("doomed"))
+    kept = asyncio.create_task(batcher.embed_one("kept"))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    model.release.set()
+
+    assert (await kept).shape == (384,) and (await first).shape == (384,)
+    assert model.batches == [["first"], ["kept"]]
+    assert doomed.cancelled()
+
+
+def test_batching_embedder_built_outside_a_loop_serves_successive_loops() -> None:
+    batcher = BatchingEmbedder(HashEmbedder())
+
+    async def one(text: str) -> np.ndarray:
+        return await batcher.embed_one(text)
+
+    assert asyncio.run(one("a")).shape == (384,)
+    assert np.array_equal(asyncio.run(one("b")), HashEmbedder().embed(["b"])[0])
+
+
+# -- the real model ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_ranks_the_peanut_allergy_first_for_a_food_question(tmp_path: Path) -> None:
+    embedder = MiniLMEmbedder()
+    with MemoryStore.open(tmp_path / "m.duckdb", embedder=embedder) as store:
+        for content in [
+            "The user is allergic to peanuts.",
+            "The user lives in Berlin.",
+            "The user works as a software engineer.",
+            "The user's favourite colour is blue.",
+            "The user has a daughter named Emma.",
+        ]:
+            store.add("alice", content, source="test")
+        assert embedder.loaded
+
+        results = store.search_text("alice", "What food should I avoid?", k=5, min_score=-1.0)
+
+    print(f"\nMiniLM cosines for 'What food should I avoid?': "
+          + ", ".join(f"{m.content!r}={m.score:.3f}" for m in results))
+    assert results[0].content == "The user is allergic to peanuts."
+    assert results[0].score > results[1].score
