@@ -121,16 +121,8 @@ _TRANSIENT_RE = re.compile(  # a passing mood, not a fact: "I'm tired", "I'm bac
     r"good|great|well|back|done|ready|late|lost|home|away)(?: (?:now|today|tonight|right now|"
     r"again|lol))*$"
 )
-_REJECTIONS = (
-    _QUESTION_RE,
-    _HYPOTHETICAL_RE,
-    _FILLER_RE,
-    _ADDRESSED_RE,
-    _DEICTIC_RE,
-    _TROUBLESHOOTING_RE,
-    _UNFINISHED_RE,
-    _TRANSIENT_RE,
-)
+_REJECTIONS = (_QUESTION_RE, _HYPOTHETICAL_RE, _FILLER_RE, _ADDRESSED_RE, _DEICTIC_RE,
+               _TROUBLESHOOTING_RE, _UNFINISHED_RE, _TRANSIENT_RE)
 
 # --- 4. Subjects ------------------------------------------------------------------------
 _ADVERBS = (
@@ -198,7 +190,7 @@ _SUFFIX_RULES = (  # first match wins; the last rule always matches
     (re.compile(r"$"), "s"),  # live -> lives
 )
 
-# --- 6. Kinds: first matching rule wins, else "fact" -------------------------------------
+# --- 6. Kinds: (kind, test on the main verb, pattern on the probe); first match wins ------
 _PREFERENCE_VERBS = frozenset(
     "like liked love loved hate hated enjoy enjoyed dislike disliked prefer preferred adore "
     "adored detest detested loathe".split()
@@ -210,21 +202,21 @@ _SKILL_RE = re.compile(
     r"\b(?:fluent|proficient|good at|skilled|expert|experienced|native speaker)\b"
 )
 _EVENT_RE = re.compile(
-    r"\b(?:born|moved|moving|started|starting|graduated|graduating|married|retired|retiring|"
+    r"\b(?:born|moved|moving|started|starting|graduated|graduating|getting married|retiring|"
     r"joined|joining|quit|relocated|relocating)\b"
 )
+
 
 
 def _is_past(verb: str) -> bool:
     return verb in _IRREGULAR_PAST or (verb.endswith("ed") and not verb.endswith("eed"))
 
 
-_KIND_RULES = (
-    ("negation", lambda probe, verb: bool(_NEGATION_RE.search(probe))),
-    ("preference", lambda probe, verb: verb in _PREFERENCE_VERBS
-     or bool(_PREFERENCE_RE.search(probe))),
-    ("skill", lambda probe, verb: verb in _SKILL_VERBS or bool(_SKILL_RE.search(probe))),
-    ("event", lambda probe, verb: _is_past(verb) or bool(_EVENT_RE.search(probe))),
+_KIND_RULES = (  # a statement matching none of these is a plain "fact"
+    ("negation", frozenset().__contains__, _NEGATION_RE),  # wins: "I don't like X" negates
+    ("preference", _PREFERENCE_VERBS.__contains__, _PREFERENCE_RE),
+    ("skill", _SKILL_VERBS.__contains__, _SKILL_RE),
+    ("event", _is_past, _EVENT_RE),
 )
 
 
@@ -348,7 +340,9 @@ def _conjugate(verb: str) -> str:
 
 
 def _kind(probe: str, verb: str) -> str:
-    return next((kind for kind, rule in _KIND_RULES if rule(probe, verb)), "fact")
+    matches = (kind for kind, is_kind_verb, pattern in _KIND_RULES
+               if is_kind_verb(verb) or pattern.search(probe))
+    return next(matches, "fact")
 
 
 def _finish(content: str) -> str:

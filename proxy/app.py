@@ -84,6 +84,7 @@ def create_app(
                      routes=[f"{r.match}->{r.provider}" for r in settings.routes])
             yield
             log.info("memlane_stopping")
+        log.info("memlane_stopped")  # the learner has drained and the store is closed
 
     return Starlette(
         routes=[

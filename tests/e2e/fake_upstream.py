@@ -2,7 +2,7 @@
 
 It answers from what it is asked, with no model: the reply echoes the last user message, a
 request with ``tools`` gets a tool call, and a user message containing ``slow`` streams one
-chunk every 100 ms for a minute (so tests can watch a disconnect reach it).
+chunk every 100 ms for a minute (so tests can watch a disconnect reach it), ``steady`` for a second.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def build_app(state: FakeState) -> Starlette:
         last = next((m.get("content") or "" for m in reversed(body["messages"]) if m["role"] == "user"), "")
         if body.get("stream"):
             if "slow" in last:
-                return StreamingResponse(slow(), media_type="text/event-stream")
+                return StreamingResponse(slow(600), media_type="text/event-stream")
+            if "steady" in last:
+                return StreamingResponse(slow(10), media_type="text/event-stream")
             return StreamingResponse(fast(body, last), media_type="text/event-stream")
         return JSONResponse(completion(body, last))
 
@@ -75,13 +77,14 @@ def build_app(state: FakeState) -> Starlette:
             yield b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    async def slow():
+    async def slow(chunks: int):
         state.slow_started.set()
         try:
-            for i in range(600):
+            for i in range(chunks):
                 yield chunk(f"{i} ")
                 state.slow_chunks_sent += 1
                 await asyncio.sleep(0.1)
+            yield chunk(finish="stop") + b"data: [DONE]\n\n"
         finally:
             state.slow_closed.set()
 
