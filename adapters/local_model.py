@@ -148,7 +148,8 @@ class _IncrementalDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _delta(self) -> str:
-        return self._decode(self.ids[self.prefix :])[len(self._decode(self.ids[self.prefix : self.read])) :]
+        emitted = self._decode(self.ids[self.prefix : self.read])
+        return self._decode(self.ids[self.prefix :])[len(emitted) :]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -163,7 +164,9 @@ class _IncrementalDecoder:
         return self._delta().rstrip("\ufffd")
 
 
-def _pick_token(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+def _pick_token(
+    logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None
+) -> int:
     """Next token from the last position's logits (V,): argmax, or a top-p sample."""
     import torch
 
@@ -371,14 +374,19 @@ class LocalModel:
                      seconds=round(time.perf_counter() - started, 2))
 
     def _check_device(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
+        import torch
 
-            if not torch.cuda.is_available():
-                raise LocalModelError(
-                    f"device {self.device!r} asked for, but torch sees no CUDA GPU "
-                    f"(torch {torch.__version__}); use device 'cpu' or install a CUDA build of torch"
-                )
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise LocalModelError(
+                f"device {self.device!r} is not a torch device: use 'cpu' or 'cuda'"
+            ) from exc
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LocalModelError(
+                f"device {self.device!r} asked for, but torch sees no CUDA GPU "
+                f"(torch {torch.__version__}); use device 'cpu' or install a CUDA build of torch"
+            )
 
     def _resolve_source(self) -> _Source:
         if self._model_dir is not None and self._gguf_file is None:
@@ -418,7 +426,7 @@ class LocalModel:
                 f"{folder} is not a Hugging Face model folder (no config.json); point model_dir at "
                 f"a causal-LM folder saved with save_pretrained, or give gguf_file for a GGUF in it"
             )
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        if not any(folder.glob("*.safetensors")):
             raise LocalModelError(f"{folder} has a config.json but no *.safetensors weights")
         return _Source("folder", folder)
 
@@ -473,9 +481,8 @@ class LocalModel:
     def _install(self, model: Any, tokenizer: Any) -> None:
         import torch
 
-        if self.device.startswith("cuda"):
-            model = model.to(device=self.device, dtype=torch.bfloat16)
-        model.eval()
+        cuda = self.device.startswith("cuda")
+        model = model.to(device=self.device, dtype=torch.bfloat16 if cuda else None).eval()
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -509,14 +516,15 @@ class LocalModel:
         return Generation(self, _Job(prompt_ids, params, max_new_tokens))
 
     def close(self) -> None:
-        """Cancels the running and queued generations and lets the worker thread go."""
+        """Cancels the running and queued generations and ends the worker thread (waits about
+        one token). A later generate() starts a new worker."""
         with self._executor_lock:
             executor, self._executor = self._executor, None
         active = self._active
         if active is not None:
             active.cancel.set()
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _encode(self, messages: list[dict]) -> list[int]:
         self.load()
@@ -534,7 +542,14 @@ class LocalModel:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"local-model-{self.name}"
                 )
-            return self._executor.submit(self._run, job)
+            future = self._executor.submit(self._run, job)
+
+        def end_if_never_run(future: concurrent.futures.Future[None]) -> None:
+            if future.cancelled():  # by close() or the consumer; _run would have posted _END
+                job.post(_END)
+
+        future.add_done_callback(end_if_never_run)
+        return future
 
     def _run(self, job: _Job) -> None:
         """Worker thread: one generation, start to end; always posts _END last."""
@@ -569,7 +584,9 @@ class LocalModel:
             for _ in range(job.max_new_tokens):
                 if job.cancel.is_set():
                     return
-                out = model(input_ids=inputs, past_key_values=past, use_cache=True, **self._forward_kwargs)
+                out = model(
+                    input_ids=inputs, past_key_values=past, use_cache=True, **self._forward_kwargs
+                )
                 past = out.past_key_values
                 token = _pick_token(out.logits[0, -1], params, generator)  # logits (1, T', V) -> (V,)
                 job.completion_tokens += 1

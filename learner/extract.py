@@ -32,18 +32,18 @@ class Fact:
 _HIDDEN = "\ue000"  # stands in for removed text; a sentence touching it is never stored
 _QUOTE_CHARS = frozenset('"“”‘`')  # a stray quote left after hiding also drops the sentence
 
+_BLOCK_BREAK = f"\n{_HIDDEN}\n"  # a hidden block also ends the sentence before it
 _MEMORY_LINE_RE = re.compile(r"^[ \t]*(?:[-*+•][ \t]+)?the user\b.*$", re.I | re.M)
-_BLOCK_RES = (  # multi-line blocks: removed, leaving a sentence break
-    re.compile(r"(```|~~~).*?(?:\1|\Z)", re.S),  # fenced code, closed or not
-    re.compile(r"<([A-Za-z][\w:.-]*)(?:\s[^<>]*)?>.*?</\1\s*>", re.S),  # <user_profile>...</...>
-    re.compile(r"<[A-Za-z][\w:.-]*(?:\s[^<>]*)?>.*\Z", re.S),  # an opening tag never closed
-)
-_INLINE_RES = (  # inline spans: replaced by the marker so their sentence is dropped
+_FENCE_RE = re.compile(r"(```|~~~).*?(?:\1|\Z)", re.S)  # fenced code, closed or not
+_OPEN_TAG_RE = re.compile(r"<([A-Za-z][\w:.-]*)(?:\s[^<>]*)?>")  # <user_profile>, <memlane_...>
+# Inline spans are replaced by the marker so their sentence is dropped. Quoted spans are
+# capped in length so that many unclosed quotes cannot make the scan quadratic.
+_INLINE_RES = (
     re.compile(r"`[^`\n]*`"),
     re.compile(r'"[^"]*"'),
-    re.compile(r"“.*?”", re.S),
-    re.compile(r"‘.*?’(?!\w)", re.S),
-    re.compile(r"(?<!\w)'(?=\S).*?(?<=\S)'(?!\w)"),  # 'single quoted', not the ' in I'm
+    re.compile(r"“[^”]{0,400}”"),
+    re.compile(r"‘[^‘]{0,400}?’(?!\w)"),
+    re.compile(r"(?<!\w)'(?=\S)[^\n]{0,400}?(?<=\S)'(?!\w)"),  # 'single quoted', not I'm
     re.compile(r"</?[A-Za-z][\w:.-]*(?:\s[^<>]*)?>"),  # a stray tag
 )
 
@@ -232,12 +232,20 @@ def extract_facts(text: str) -> list[Fact]:
 
 def _visible_text(text: str) -> str:
     """The message with code, tags, quotes and memlane's own memory lines hidden."""
-    text = _MEMORY_LINE_RE.sub("", text)
-    for block_re in _BLOCK_RES:
-        text = block_re.sub(f"\n{_HIDDEN}\n", text)
+    text = _hide_tagged_blocks(_FENCE_RE.sub(_BLOCK_BREAK, _MEMORY_LINE_RE.sub("", text)))
     for inline_re in _INLINE_RES:
         text = inline_re.sub(_HIDDEN, text)
     return text.replace("’", "'")
+
+
+def _hide_tagged_blocks(text: str) -> str:
+    """Hide each <tag>...</tag> block; an opening tag never closed hides the rest."""
+    parts, position = [], 0
+    while (opening := _OPEN_TAG_RE.search(text, position)) is not None:
+        closing = re.compile(rf"</{re.escape(opening[1])}\s*>", re.I).search(text, opening.end())
+        parts += [text[position : opening.start()], _BLOCK_BREAK]
+        position = closing.end() if closing else len(text)
+    return "".join(parts) + text[position:]
 
 
 def _sentences(text: str) -> list[str]:

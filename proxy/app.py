@@ -55,7 +55,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(_http_client(settings))
-            emb = embedder or _embedder(settings)
+            emb = embedder or build_embedder(settings)
             the_store = store or _open_store(settings, emb)
             model = local_model or LocalModel(
                 cache_dir=settings.model_cache, model_dir=settings.local_model_dir, name=settings.local_model_name
@@ -82,6 +82,9 @@ def create_app(
             )
             log.info("memlane_started", memory=settings.memory, open_mode=settings.open_mode,
                      routes=[f"{r.match}->{r.provider}" for r in settings.routes])
+            for r in settings.routes:
+                if r.api_key_env and r.api_key is None:
+                    log.warning("upstream_key_missing", route=r.match, env_var=r.api_key_env)
             yield
             log.info("memlane_stopping")
         log.info("memlane_stopped")  # the learner has drained and the store is closed
@@ -112,7 +115,7 @@ async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def _embedder(settings: Settings) -> Embedder:
+def build_embedder(settings: Settings) -> Embedder:
     return HashEmbedder() if settings.embedder == "hash" else MiniLMEmbedder()
 
 

@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from learner import Exchange
 from proxy.auth import USER_HEADER, resolve_user
 from proxy.enrich import latest_user_text
-from proxy.errors import ModelNotFound, ProxyError, sse_error_event
+from proxy.errors import ModelNotFound, ProxyError, UpstreamError, sse_error_event
 from proxy.schema import read_json, validate_chat
 from proxy.state import AppState
 from proxy.upstream import UpstreamReply
@@ -63,7 +63,8 @@ async def chat_completions(request: Request) -> Response:
         exchange.finish(499, "client_disconnected", b"", upstream_s=0.0)
         return Response(status_code=499)
     except ProxyError as err:
-        state.metrics.upstream_errors.labels(provider=route.provider, code=err.code or "").inc()
+        if isinstance(err, UpstreamError) or err.status == 429:
+            state.metrics.upstream_errors.labels(provider=route.provider, code=err.code or "").inc()
         exchange.finish(err.status, err.message, b"", upstream_s=0.0)
         err.headers.update(headers)
         raise

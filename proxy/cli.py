@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from proxy.auth import OPEN_MODE_USER
 from proxy.settings import Settings, SettingsError
 
 app = typer.Typer(help="memlane: a memory layer for any OpenAI-compatible client.", no_args_is_help=True)
@@ -62,28 +63,44 @@ def serve(
     )
 
 
-UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id.")]
-UrlOpt = Annotated[str, typer.Option("--url", help="Server to use when it holds the database.")]
+UserOpt = Annotated[
+    str | None, typer.Option("--user", "-u", help="User id (default: 'default'; through a server: the key's user).")
+]
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="Server to use when it holds the database (default: host and port from settings).")
+]
 
 
 class _Memories:
     """Direct file access, or the running server's API when it holds the file."""
 
-    def __init__(self, db: Path | None, config: Path | None, url: str) -> None:
+    def __init__(self, db: Path | None, config: Path | None, url: str | None, *, create: bool = False) -> None:
         self.settings = _settings(config, database=db)
-        self.url = url.rstrip("/")
+        self.url = (url or f"http://{self.settings.host}:{self.settings.port}").rstrip("/")
         self.store = None
+        if not create and not Path(self.settings.database).exists():
+            console.print(f"[red]no database at {self.settings.database}[/red] (set --db or MEMLANE_DATABASE)")
+            raise typer.Exit(1)
         try:
             import duckdb
 
-            from memory import MemoryStore, MiniLMEmbedder
+            from memory import MemoryStore
+            from proxy.app import build_embedder
 
-            self.store = MemoryStore.open(self.settings.database, embedder=MiniLMEmbedder())
+            self.store = MemoryStore.open(self.settings.database, embedder=build_embedder(self.settings))
         except duckdb.IOException:
             console.print(f"[dim]{self.settings.database} is held by a running server; using {self.url}[/dim]")
 
-    def call(self, method: str, path: str, user: str, **kw: Any) -> Any:
-        headers = {"x-memlane-user": user}
+    def __enter__(self) -> _Memories:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def call(self, method: str, path: str, user: str | None, **kw: Any) -> Any:
+        # Without --user the server uses the key's own user (or "default" in open mode).
+        headers = {"x-memlane-user": user} if user else {}
         key = os.environ.get("MEMLANE_API_KEY")
         if key:
             headers["authorization"] = f"Bearer {key}"
@@ -95,6 +112,7 @@ class _Memories:
         if response.status_code >= 400:
             console.print(f"[red]{response.status_code}: {response.json().get('error', {}).get('message')}[/red]")
             raise typer.Exit(1)
+        self.status = response.status_code
         return response.json()
 
 
@@ -112,55 +130,56 @@ def _row(memory: Any) -> dict:
 
 
 @memories.command("list")
-def list_memories(user: UserOpt, limit: int = 100, db: DbOpt = None, config: ConfigOpt = None,
-                  url: UrlOpt = "http://127.0.0.1:8080") -> None:
+def list_memories(user: UserOpt = None, limit: int = 100, db: DbOpt = None, config: ConfigOpt = None,
+                  url: UrlOpt = None) -> None:
     """List a user's memories, newest first."""
-    m = _Memories(db, config, url)
-    if m.store is not None:
-        rows = [_row(x) for x in m.store.list(user, limit=limit)]
-    else:
-        rows = m.call("GET", "/v1/memories", user, params={"limit": limit})["data"]
-    _table(rows)
+    with _Memories(db, config, url) as m:
+        if m.store is not None:
+            rows = [_row(x) for x in m.store.list(user or OPEN_MODE_USER, limit=limit)]
+        else:
+            rows = m.call("GET", "/v1/memories", user, params={"limit": limit})["data"]
+        _table(rows)
 
 
 @memories.command("search")
-def search_memories(query: str, user: UserOpt, k: int = 5, db: DbOpt = None, config: ConfigOpt = None,
-                    url: UrlOpt = "http://127.0.0.1:8080") -> None:
+def search_memories(query: str, user: UserOpt = None, k: Annotated[int, typer.Option("--k", "-k", help="How many.")] = 5,
+                    db: DbOpt = None, config: ConfigOpt = None,
+                    url: UrlOpt = None) -> None:
     """Search a user's memories by meaning."""
-    m = _Memories(db, config, url)
-    if m.store is not None:
-        rows = [_row(x) for x in m.store.search_text(user, query, k=k)]
-    else:
-        rows = m.call("GET", "/v1/memories", user, params={"q": query, "limit": k})["data"]
-    _table(rows, scored=True)
+    with _Memories(db, config, url) as m:
+        if m.store is not None:
+            rows = [_row(x) for x in m.store.search_text(user or OPEN_MODE_USER, query, k=k)]
+        else:
+            rows = m.call("GET", "/v1/memories", user, params={"q": query, "limit": k})["data"]
+        _table(rows, scored=True)
 
 
 @memories.command("add")
-def add_memory(content: str, user: UserOpt, db: DbOpt = None, config: ConfigOpt = None,
-               url: UrlOpt = "http://127.0.0.1:8080") -> None:
+def add_memory(content: str, user: UserOpt = None, db: DbOpt = None, config: ConfigOpt = None,
+               url: UrlOpt = None) -> None:
     """Add a memory for a user (e.g. 'The user is allergic to peanuts.')."""
-    m = _Memories(db, config, url)
-    if m.store is not None:
-        memory, created = m.store.add(user, content, source="cli")
-        memory_id = memory.id
-    else:
-        memory_id = m.call("POST", "/v1/memories", user, json={"content": content})["id"]
-        created = True
-    console.print(f"{'added' if created else 'already known'}: {memory_id}")
+    with _Memories(db, config, url, create=True) as m:
+        if m.store is not None:
+            memory, created = m.store.add(user or OPEN_MODE_USER, content, source="cli")
+            memory_id = memory.id
+        else:
+            memory_id = m.call("POST", "/v1/memories", user, json={"content": content})["id"]
+            created = m.status == 201
+        console.print(f"{'added' if created else 'already known'}: {memory_id}")
 
 
 @memories.command("forget")
-def forget_memory(memory_id: str, user: UserOpt, db: DbOpt = None, config: ConfigOpt = None,
-                  url: UrlOpt = "http://127.0.0.1:8080") -> None:
+def forget_memory(memory_id: str, user: UserOpt = None, db: DbOpt = None, config: ConfigOpt = None,
+                  url: UrlOpt = None) -> None:
     """Delete one of a user's memories for good."""
-    m = _Memories(db, config, url)
-    if m.store is not None:
-        if not m.store.forget(user, memory_id):
-            console.print(f"[red]no memory {memory_id} for user {user}[/red]")
-            raise typer.Exit(1)
-    else:
-        m.call("DELETE", f"/v1/memories/{memory_id}", user)
-    console.print(f"forgotten: {memory_id}")
+    with _Memories(db, config, url) as m:
+        if m.store is not None:
+            if not m.store.forget(user or OPEN_MODE_USER, memory_id):
+                console.print(f"[red]no memory {memory_id} for user {user}[/red]")
+                raise typer.Exit(1)
+        else:
+            m.call("DELETE", f"/v1/memories/{memory_id}", user)
+        console.print(f"forgotten: {memory_id}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from adapters import GenerationParams, LocalModel, LocalModelError
-from proxy.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from adapters import ContextLengthError, GenerationParams, LocalModel, LocalModelError
+from proxy.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamError
 from proxy.settings import RouteConfig
 from proxy.upstream import UpstreamReply, upstream_model
 
@@ -46,11 +46,19 @@ class LocalUpstream:
             except LocalModelError as exc:
                 raise ServiceUnavailable(f"the local model could not be loaded: {exc}") from exc
         started = time.perf_counter()
-        generation = self.model.generate(body["messages"], params)
+        try:
+            generation = self.model.generate(body["messages"], params)
+        except ContextLengthError as exc:
+            raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from exc
+        except LocalModelError as exc:
+            raise UpstreamError(f"local model: {exc}") from exc
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         model_name = body["model"]
         if not stream:
-            text = await generation.text()
+            try:
+                text = await generation.text()
+            except LocalModelError as exc:
+                raise UpstreamError(f"local model: {exc}") from exc
             payload = _completion(completion_id, model_name, text, generation)
             return UpstreamReply(
                 body=_one(json.dumps(payload).encode()), provider=self.provider,
@@ -74,7 +82,7 @@ def generation_params(body: dict[str, Any]) -> GenerationParams:
     return GenerationParams(
         max_new_tokens=min(int(max_tokens), MAX_NEW_TOKENS),
         temperature=float(body.get("temperature") or 0.0),
-        top_p=float(body.get("top_p") or 1.0),
+        top_p=1.0 if body.get("top_p") is None else float(body["top_p"]),
         stop=tuple(str(s) for s in stop),
         seed=body.get("seed"),
     )
@@ -126,7 +134,7 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
     try:
-        yield _chunk(cid, model, created, {"role": "assistant", "content": ""}, None)
+        role_sent = False
         iterator = generation.__aiter__()
         while True:
             t = time.perf_counter()
@@ -134,10 +142,14 @@ async def _sse(
                 delta = await anext(iterator)
             except StopAsyncIteration:
                 break
+            except LocalModelError as exc:
+                raise UpstreamError(f"local model: {exc}") from exc
             finally:
                 reply.upstream_s += time.perf_counter() - t
             if delta:
-                yield _chunk(cid, model, created, {"content": delta}, None)
+                head = {} if role_sent else {"role": "assistant"}
+                role_sent = True
+                yield _chunk(cid, model, created, {**head, "content": delta}, None)
         yield _chunk(cid, model, created, {}, generation.finish_reason or "stop")
         if include_usage:
             usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

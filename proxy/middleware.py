@@ -41,10 +41,15 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        incoming = headers.get("x-request-id", "")
-        request_id = incoming if _INCOMING_ID.match(incoming) else new_request_id()
+        # Our id is unique by construction (it keys the teacher log); a client's own id is kept
+        # beside it in the logs for correlation.
+        request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        incoming = headers.get("x-request-id", "")
+        if _INCOMING_ID.match(incoming):
+            structlog.contextvars.bind_contextvars(request_id=request_id, client_request_id=incoming)
+        else:
+            structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -56,7 +61,7 @@ class RequestContextMiddleware:
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._send_error(send, RequestTooLarge(self._too_large()), request_id)
             self._record(scope, route, 413, started)
-            structlog.contextvars.unbind_contextvars("request_id")
+            structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
             return
 
         received = 0
@@ -93,7 +98,7 @@ class RequestContextMiddleware:
             await self._send_error(send, ProxyError("The server had an error processing your request."), request_id)
         finally:
             self._record(scope, route, status, started)
-            structlog.contextvars.unbind_contextvars("request_id")
+            structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
 
     def _too_large(self) -> str:
         return f"Request body is larger than the limit of {self.max_body_bytes} bytes."

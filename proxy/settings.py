@@ -26,12 +26,12 @@ class KeyConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    user: str = Field(min_length=1, max_length=128)
+    user: str = Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")  # "/" is reserved for sub-users
     key: SecretStr | None = None
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     sub_users: bool = False  # may pick a sub-user with `user` or X-Memlane-User
 
-    @field_validator("key_sha256")
+    @field_validator("key_sha256", mode="before")
     @classmethod
     def _lower(cls, v: str | None) -> str | None:
         return v.lower() if v else v
@@ -107,7 +107,10 @@ class Settings(BaseSettings):
                 data.update(tomllib.loads(Path(config_file).read_text()))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise SettingsError(f"config file {config_file}: {exc}") from exc
-        data.update(_MappingEnvSource(cls, env)())
+        try:
+            data.update(_MappingEnvSource(cls, env)())
+        except ValueError as exc:  # pydantic-settings' own parse errors (bad JSON, bad nesting)
+            raise SettingsError(f"environment: {exc}") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
         routes = data.get("routes") or default_routes(env)
         data["routes"] = [_resolve_key(r, env) for r in routes]
@@ -148,6 +151,8 @@ def default_routes(env: Mapping[str, str]) -> list[dict[str, Any]]:
         base = env.get("OLLAMA_API_BASE") or env["OLLAMA_HOST"]
         if not base.startswith("http"):
             base = f"http://{base}"
+        if base.count(":") < 2:  # no port given: Ollama's default
+            base = f"{base.rstrip('/')}:11434"
         routes.append({"match": "ollama/*", "provider": "ollama", "api_base": base, "strip_prefix": "ollama/"})
     if env.get("ANTHROPIC_API_KEY"):
         routes.append(
@@ -160,7 +165,7 @@ def default_routes(env: Mapping[str, str]) -> list[dict[str, Any]]:
         )
     if env.get("OPENAI_API_KEY"):
         base = env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        for pattern in ("gpt-*", "o[0-9]*", "chatgpt-*", "text-embedding-*"):
+        for pattern in ("gpt-*", "o[0-9]*", "chatgpt-*"):
             routes.append({"match": pattern, "provider": "openai", "api_base": base, "api_key_env": "OPENAI_API_KEY"})
     return routes
 
@@ -180,6 +185,8 @@ def _resolve_key(route: Any, env: Mapping[str, str]) -> Any:
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        key = "MEMLANE_" + "__".join(str(p).upper() for p in err["loc"]) if err["loc"] else "settings"
-        parts.append(f"{key}: {err['msg']}")
+        loc = [str(p) for p in err["loc"]]
+        name = ".".join(loc) or "settings"
+        env_name = "MEMLANE_" + "__".join(p.upper() for p in loc)
+        parts.append(f"{name} ({env_name}): {err['msg']}")
     return "invalid settings: " + "; ".join(parts)

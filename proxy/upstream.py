@@ -139,7 +139,8 @@ def upstream_status_error(provider: str, status: int, content: bytes, headers: h
         # The client's own key was fine (we checked it); memlane's upstream key was not.
         return UpstreamError(f"{provider} upstream rejected memlane's credentials ({status})", code="upstream_auth_failed")
     if 400 <= status < 500:
-        err = ProxyError(message or f"{provider} upstream rejected the request ({status})", param=param, code=code, status=status)
+        err = ProxyError(message or f"{provider} upstream rejected the request ({status})", param=param,
+                         code=code or "upstream_rejected", status=status)
         err.type = "invalid_request_error"
         return err
     return UpstreamError(f"{provider} upstream failed with status {status}" + (f": {message}" if message else ""))

@@ -22,7 +22,7 @@ ALLERGY = [
     {"role": "user", "content": "What am I allergic to?"},
 ]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
-GREEDY = GenerationParams(max_new_tokens=24)
+GREEDY = GenerationParams(max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,11 @@ def test_an_unfinished_cache_is_not_trusted(tmp_path: Path):
     assert model.loadable() == (True, "gguf")
 
 
+def test_an_unknown_device_is_reported_not_crashed(tmp_path: Path):
+    ok, reason = LocalModel(cache_dir=tmp_path, device="gpu").loadable()
+    assert not ok and "'gpu'" in reason
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu_is_reported_not_crashed(tmp_path: Path):
     ok, reason = LocalModel(cache_dir=tmp_path, device="cuda").loadable()
@@ -170,7 +175,8 @@ async def test_a_saved_model_folder_loads_and_answers_the_same(model):
     assert folder.name == model.name
     folder.load()
     try:
-        assert await folder.generate(ALLERGY, GREEDY).text() == await model.generate(ALLERGY, GREEDY).text()
+        expected = await model.generate(ALLERGY, GREEDY).text()
+        assert await folder.generate(ALLERGY, GREEDY).text() == expected
     finally:
         folder.close()
 
@@ -198,20 +204,20 @@ async def test_max_new_tokens_ends_with_finish_reason_length(model):
 async def test_stop_string_ends_the_text_before_it(model):
     full = await model.generate(STORY, GREEDY).text()
     stop = full[len(full) // 2 : len(full) // 2 + 5]  # likely straddles a token boundary
-    generation = model.generate(STORY, GenerationParams(max_new_tokens=24, stop=("@@@", stop)))
+    generation = model.generate(STORY, GenerationParams(max_new_tokens=16, stop=("@@@", stop)))
     assert await generation.text() == full[: full.index(stop)]
     assert generation.finish_reason == "stop"
-    assert generation.completion_tokens < 24
+    assert generation.completion_tokens < 16
 
 
 @pytest.mark.slow
 async def test_sampling_with_a_seed_repeats_and_other_seeds_vary(model):
     def sampled(seed: int) -> GenerationParams:
-        return GenerationParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        return GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=seed)
 
     first = await model.generate(STORY, sampled(7)).text()
     assert await model.generate(STORY, sampled(7)).text() == first
-    others = {await model.generate(STORY, sampled(seed)).text() for seed in (8, 9, 10)}
+    others = {await model.generate(STORY, sampled(seed)).text() for seed in (8, 9)}
     assert others - {first}
 
 
@@ -254,15 +260,16 @@ async def test_event_loop_keeps_ticking_during_generation(model):
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0.02)
     started = time.perf_counter()
-    generation = model.generate(STORY, GenerationParams(max_new_tokens=30))
+    generation = model.generate(STORY, GenerationParams(max_new_tokens=20))
     await generation.text()
     ended = time.perf_counter()
     task.cancel()
     during = [t for t in ticks if started <= t <= ended]
     gaps = [b - a for a, b in zip(during, during[1:])]
-    assert generation.completion_tokens == 30
-    assert len(during) >= (ended - started) / 0.05  # ~10 ms ticks; a blocked loop gives one
-    assert max(gaps) < 0.25
+    assert generation.completion_tokens == 20
+    # a loop blocked for the whole generation ticks once, one blocked per token once a token
+    assert len(during) >= 3 * generation.completion_tokens
+    assert max(gaps) < 0.5
 
 
 @pytest.mark.slow
@@ -273,12 +280,11 @@ async def test_aclose_stops_the_worker_and_frees_the_model_at_once(model):
     await generation.aclose()
     stopped_at = generation.completion_tokens
     assert stopped_at < 10 and generation.finish_reason is None
-    started = time.perf_counter()
     follow_up = model.generate(ALLERGY, GenerationParams(max_new_tokens=32))
-    first_delta = await anext(aiter(follow_up))
-    assert first_delta and time.perf_counter() - started < 2.0  # not queued behind 400 tokens
-    await follow_up.aclose()
-    assert generation.completion_tokens == stopped_at  # the worker did not carry on after aclose
+    assert "peanut" in (await follow_up.text()).lower()
+    # generations run one at a time, so the follow-up ran after the cancelled one had stopped,
+    # and it did not wait behind the remaining ~400 tokens (counted, not timed: CI is noisy)
+    assert generation.completion_tokens == stopped_at
 
 
 @pytest.mark.slow
@@ -297,10 +303,9 @@ async def test_cancelling_the_consuming_task_stops_generation(model):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    started = time.perf_counter()
-    assert "peanut" in (await model.generate(ALLERGY, GenerationParams(max_new_tokens=32)).text()).lower()
-    assert time.perf_counter() - started < 5.0
-    assert generations[0].completion_tokens < 10
+    follow_up = model.generate(ALLERGY, GenerationParams(max_new_tokens=32))
+    assert "peanut" in (await follow_up.text()).lower()
+    assert generations[0].completion_tokens < 10  # still, after the follow-up ran: it had stopped
 
 
 @pytest.mark.slow
@@ -326,10 +331,12 @@ async def test_close_cancels_the_running_generation(model):
     generation = model.generate(STORY, GenerationParams(max_new_tokens=400))
     async for _ in generation:
         break
+    queued = asyncio.create_task(model.generate(ALLERGY, GenerationParams(max_new_tokens=32)).text())
+    await asyncio.sleep(0)  # the queued one now waits for the worker
     model.close()  # as at shutdown; the next generate() starts a fresh worker
-    started = time.perf_counter()
     await generation.text()  # the rest ends at once instead of running to 400 tokens
-    assert time.perf_counter() - started < 2.0 and generation.completion_tokens < 10
+    assert generation.completion_tokens < 10 and generation.finish_reason is None
+    assert await asyncio.wait_for(queued, timeout=30) == ""  # ended, not left hanging
     assert await model.generate(ALLERGY, GenerationParams(max_new_tokens=8)).text()
 
 

@@ -131,3 +131,29 @@ class FakeUpstream:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the fake in its own process: ``python -m tests.e2e.fake_upstream --port 9000``.
+
+    Benchmarks use this so the upstream does not share a GIL with the load generator. Only the
+    last 1,000 requests are kept, so a long run does not grow without bound.
+    """
+    import argparse
+    import collections
+    import importlib.util
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    args = parser.parse_args(argv)
+    state = FakeState(requests=collections.deque(maxlen=1000), headers=collections.deque(maxlen=1000))  # type: ignore[arg-type]
+    uvicorn.run(
+        build_app(state), host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off",
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+    )
+
+
+if __name__ == "__main__":
+    main()

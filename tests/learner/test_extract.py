@@ -62,7 +62,8 @@ STATEMENTS = [
 ]
 
 
-@pytest.mark.parametrize(("message", "content", "kind"), STATEMENTS, ids=[s[0] for s in STATEMENTS])
+@pytest.mark.parametrize(("message", "content", "kind"), STATEMENTS,
+                         ids=[s[0] for s in STATEMENTS])
 def test_first_person_statement_becomes_a_third_person_fact(message, content, kind):
     assert extract_facts(message) == [Fact(content=content, kind=kind, evidence=message)]
 
@@ -71,14 +72,16 @@ def test_first_person_statement_becomes_a_third_person_fact(message, content, ki
 VERB_AGREEMENT = [
     ("have", "has"), ("do", "does"), ("go", "goes"), ("am", "is"),
     ("watch", "watches"), ("wash", "washes"), ("fix", "fixes"), ("buzz", "buzzes"),
-    ("miss", "misses"), ("study", "studies"), ("play", "plays"), ("need", "needs"),
+    ("miss", "misses"), ("study", "studies"), ("play", "plays"), ("feed", "feeds"),
     ("live", "lives"), ("moved", "moved"), ("was", "was"), ("taught", "taught"),
 ]
 
 
-@pytest.mark.parametrize(("verb", "third_person"), VERB_AGREEMENT, ids=[v for v, _ in VERB_AGREEMENT])
+@pytest.mark.parametrize(("verb", "third_person"), VERB_AGREEMENT,
+                         ids=[v for v, _ in VERB_AGREEMENT])
 def test_verb_agrees_with_the_user(verb, third_person):
-    assert _contents(f"I {verb} things regularly") == [f"The user {third_person} things regularly."]
+    expected = f"The user {third_person} things regularly."
+    assert _contents(f"I {verb} things regularly") == [expected]
 
 
 # first-person words left inside the statement become third person

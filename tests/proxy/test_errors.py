@@ -130,8 +130,9 @@ async def test_stream_that_breaks_midway_ends_with_an_error_event(client, respx_
     assert events[-1] == "data: [DONE]"
 
 
-async def test_every_response_has_a_request_id_and_incoming_ids_are_kept(client):
-    for path in ("/healthz", "/metrics", "/v1/models", "/nope"):
-        assert (await client.get(path)).headers["x-request-id"]
-    r = await client.get("/healthz", headers={"x-request-id": "trace-1234abcd"})
-    assert r.headers["x-request-id"] == "trace-1234abcd"
+async def test_every_response_has_its_own_request_id(client):
+    ids = {(await client.get(path)).headers["x-request-id"] for path in ("/healthz", "/metrics", "/v1/models", "/nope")}
+    # a client's own id cannot make two requests share one (it keys the teacher log)
+    ids |= {(await client.get("/healthz", headers={"x-request-id": "trace-1234abcd"})).headers["x-request-id"]
+            for _ in range(2)}
+    assert len(ids) == 6 and all(i.startswith("req_") for i in ids)

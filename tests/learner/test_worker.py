@@ -1,0 +1,93 @@
+"""The learner thread: teacher-log rows, extraction, a bounded queue that never blocks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime
+
+from learner import Exchange, LearnerWorker, assemble
+from memory import HashEmbedder, MemoryStore
+
+
+def exchange(i: int, text: str = "I prefer tabs over spaces.", **kw) -> Exchange:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+    raw = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                   "finish_reason": "stop"}], "usage": {"total_tokens": 3}}).encode()
+    data = dict(request_id=f"req_{i:04d}", user_id="ada", created_at=datetime(2026, 1, 1), model="gpt-4o-mini",
+                provider="openai", stream=False, status_code=200, error=None, request_received=body,
+                request_sent=body, response_raw=raw, latency_ms=1.0, ttft_ms=None, user_text=text)
+    data.update(kw)
+    return Exchange(**data)
+
+
+def test_rows_are_written_and_facts_extracted(tmp_path):
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    worker = LearnerWorker(store, HashEmbedder())
+    worker.start()
+    worker.submit(exchange(1))
+    worker.submit(exchange(2, "What's the weather like?"))
+    worker.submit(exchange(3, "I live in Paris.", status_code=502, response_raw=b""))
+    worker.stop()
+    rows = store.interactions(limit=10)
+    assert sorted(r["request_id"] for r in rows) == ["req_0001", "req_0002", "req_0003"]
+    assert [m.content for m in store.list("ada")] == ["The user prefers tabs over spaces."]  # not from a failed call
+    assert store.list("ada")[0].source_ref == "req_0001"
+
+
+def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    dropped = []
+
+    class Observer:
+        def queue_depth(self, depth): ...
+        def dropped(self): dropped.append(1)
+        def written(self, rows): ...
+        def extracted(self, n): ...
+
+    worker = LearnerWorker(store, HashEmbedder(), maxsize=5, observer=Observer())  # not started: nothing drains
+    accepted = [worker.submit(exchange(i)) for i in range(8)]
+    assert accepted == [True] * 5 + [False] * 3 and len(dropped) == 3
+    worker.start()
+    worker.stop()
+    assert len(store.interactions(limit=100)) == 5
+
+
+def test_stop_drains_everything_accepted(tmp_path):
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    worker = LearnerWorker(store, HashEmbedder())
+    worker.start()
+    threads = [threading.Thread(target=lambda k=k: [worker.submit(exchange(k * 100 + i)) for i in range(50)])
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    worker.stop()
+    assert len(store.interactions(limit=1000)) == 200
+
+
+def test_a_failing_extractor_does_not_lose_the_log_row(tmp_path):
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+
+    def broken(text):
+        raise ValueError("extractor bug")
+
+    worker = LearnerWorker(store, HashEmbedder(), extractor=broken)
+    worker.start()
+    worker.submit(exchange(1))
+    worker.submit(exchange(2))
+    worker.stop()
+    assert len(store.interactions(limit=10)) == 2
+
+
+def test_assemble_non_stream_and_stream():
+    answer, usage = assemble(b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},'
+                             b'"finish_reason":"stop"}],"usage":{"total_tokens":2}}', stream=False)
+    assert answer == {"role": "assistant", "content": "hi", "finish_reason": "stop"} and usage == {"total_tokens": 2}
+    sse = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}\n\n'
+           b'data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"length"}]}\n\n'
+           b'data: {"choices":[],"usage":{"total_tokens":9}}\n\ndata: [DONE]\n\n')
+    answer, usage = assemble(sse, stream=True)
+    assert answer == {"role": "assistant", "content": "ab", "finish_reason": "length"} and usage == {"total_tokens": 9}
+    assert assemble(b"not json", stream=False) == (None, None)

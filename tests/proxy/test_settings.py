@@ -1,0 +1,55 @@
+"""Settings: file, environment and overrides, with errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.settings import Settings, SettingsError
+
+
+def test_defaults_serve_the_local_model_only():
+    s = Settings.from_env({})
+    assert s.open_mode
+    assert [(r.match, r.provider) for r in s.routes] == [("local/*", "local")]
+    assert s.route_for("local/smollm2-135m-instruct").provider == "local"
+    assert s.route_for("gpt-4o") is None
+
+
+def test_provider_keys_from_the_environment_add_routes():
+    s = Settings.from_env({"OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "sk-a", "OLLAMA_HOST": "127.0.0.1:11434"})
+    assert s.route_for("gpt-4o-mini").provider == "openai"
+    assert s.route_for("o3-mini").provider == "openai"
+    assert s.route_for("claude-sonnet-4-5").provider == "anthropic"
+    assert s.route_for("ollama/llama3").api_base == "http://127.0.0.1:11434"
+    assert s.route_for("gpt-4o").api_key.get_secret_value() == "sk-o"
+    assert "sk-o" not in repr(s)  # secrets never print
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('port = 9000\nmemory_top_k = 3\n[[keys]]\nuser = "ada"\nkey = "sk-ada"\n')
+    s = Settings.from_env({"MEMLANE_MEMORY_TOP_K": "7"}, config_file=cfg, port=9100)
+    assert (s.port, s.memory_top_k) == (9100, 7)
+    assert s.keys[0].user == "ada" and not s.open_mode
+
+
+@pytest.mark.parametrize(("env", "key"), [
+    ({"MEMLANE_PORT": "eighty"}, "MEMLANE_PORT"),
+    ({"MEMLANE_MEMORY_TOP_K": "-1"}, "MEMLANE_MEMORY_TOP_K"),
+    ({"MEMLANE_LOG_FORMAT": "xml"}, "MEMLANE_LOG_FORMAT"),
+])
+def test_bad_values_fail_at_start_naming_the_key(env, key):
+    with pytest.raises(SettingsError, match=key):
+        Settings.from_env(env)
+
+
+def test_upstream_keys_may_not_live_in_the_config_file(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[[routes]]\nmatch = "gpt-*"\nprovider = "openai"\napi_key = "sk-in-file"\n')
+    with pytest.raises(SettingsError, match="api_key_env"):
+        Settings.from_env({}, config_file=cfg)
+
+
+def test_a_key_needs_exactly_one_secret():
+    with pytest.raises(SettingsError):
+        Settings.from_env({}, keys=[{"user": "ada"}])
