@@ -289,7 +289,7 @@ class MemoryStore:
         """Store a memory; returns (memory, created).
 
         The same normalised content for the same user is not stored twice: the
-        existing memory is returned with created=False and its updated_at touched.
+        existing memory is returned unchanged with created=False.
         `embedding` defaults to the store's embedder applied to `content`.
         """
         content = content.strip()
@@ -303,13 +303,15 @@ class MemoryStore:
         with self._write_lock:
             cursor = self._writable_cursor()
             now = self._clock.now()
-            touched = cursor.execute(
-                f"UPDATE memories SET updated_at = ? WHERE user_id = ? AND content_hash = ? "
-                f"RETURNING {_MEMORY_COLUMNS}",
-                [now, user_id, digest],
+            # A duplicate is returned as it is, not touched: with DuckDB 1.5.5's vss, repeated
+            # UPDATEs of one row in a table with an HNSW index hang after about 190 of them
+            # (measured). Rows of `memories` are written once and deleted, never updated.
+            existing = cursor.execute(
+                f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE user_id = ? AND content_hash = ?",
+                [user_id, digest],
             ).fetchone()
-            if touched is not None:
-                return _memory(touched), False
+            if existing is not None:
+                return _memory(existing), False
             if embedding is None:  # the duplicate we saw was forgotten meanwhile
                 embedding = self._embedder.embed([content])[0]
             row = cursor.execute(
