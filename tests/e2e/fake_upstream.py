@@ -55,6 +55,13 @@ def build_app(state: FakeState) -> Starlette:
             if "steady" in last:
                 return StreamingResponse(slow(10), media_type="text/event-stream")
             return StreamingResponse(fast(body, last), media_type="text/event-stream")
+        if "slow" in last:  # wait for a minute, watching for the caller to give up
+            state.slow_started.set()
+            for _ in range(600):
+                if await request.is_disconnected():
+                    state.slow_closed.set()
+                    return Response(status_code=499)
+                await asyncio.sleep(0.1)
         return JSONResponse(completion(body, last))
 
     async def fast(body: dict, last: str):

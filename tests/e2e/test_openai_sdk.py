@@ -101,6 +101,17 @@ def test_client_disconnect_cancels_the_upstream_stream(proxied: Server, fake_ups
     assert state.slow_chunks_sent < 100
 
 
+def test_client_disconnect_cancels_a_non_streaming_upstream_call(proxied: Server, fake_upstream):
+    state = fake_upstream.state
+    state.slow_started.clear()
+    state.slow_closed.clear()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "slow please"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{proxied.base_url}/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    assert state.slow_started.is_set()
+    assert state.slow_closed.wait(5), "upstream call still running after the client left"
+
+
 def test_metrics_expose_latency_overhead_and_ttft(proxied: Server):
     httpx.post(f"{proxied.base_url}/chat/completions", json={
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "m"}], "stream": True})
