@@ -175,7 +175,7 @@ def forget_memory(memory_id: str, user: UserOpt = None, db: DbOpt = None, config
     with _Memories(db, config, url) as m:
         if m.store is not None:
             if not m.store.forget(user or OPEN_MODE_USER, memory_id):
-                console.print(f"[red]no memory {memory_id} for user {user}[/red]")
+                console.print(f"[red]no memory {memory_id} for user {user or OPEN_MODE_USER}[/red]")
                 raise typer.Exit(1)
         else:
             m.call("DELETE", f"/v1/memories/{memory_id}", user)

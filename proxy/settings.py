@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
@@ -151,8 +152,8 @@ def default_routes(env: Mapping[str, str]) -> list[dict[str, Any]]:
         base = env.get("OLLAMA_API_BASE") or env["OLLAMA_HOST"]
         if not base.startswith("http"):
             base = f"http://{base}"
-        if base.count(":") < 2:  # no port given: Ollama's default
-            base = f"{base.rstrip('/')}:11434"
+        if httpx.URL(base).port is None:  # no port given: Ollama's default
+            base = str(httpx.URL(base).copy_with(port=11434)).rstrip("/")
         routes.append({"match": "ollama/*", "provider": "ollama", "api_base": base, "strip_prefix": "ollama/"})
     if env.get("ANTHROPIC_API_KEY"):
         routes.append(
