@@ -62,6 +62,8 @@ def create_app(
             )
             if store is None and the_store is not None:
                 stack.callback(the_store.close)
+            if local_model is None:
+                stack.callback(model.close)  # ends a running generation instead of waiting it out
             learner = _start_learner(settings, the_store, emb, metrics, stack)
             background = _warm_up(settings, emb, model, the_store)
             app.state.memlane = AppState(

@@ -17,7 +17,7 @@ from typing import Any
 from adapters import ContextLengthError, GenerationParams, LocalModel, LocalModelError
 from proxy.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamError
 from proxy.settings import RouteConfig
-from proxy.upstream import UpstreamReply, upstream_model
+from proxy.upstream import UpstreamReply, timed, upstream_model
 
 MAX_NEW_TOKENS = 2048
 
@@ -135,21 +135,14 @@ async def _sse(
     created = int(time.time())
     try:
         role_sent = False
-        iterator = generation.__aiter__()
-        while True:
-            t = time.perf_counter()
-            try:
-                delta = await anext(iterator)
-            except StopAsyncIteration:
-                break
-            except LocalModelError as exc:
-                raise UpstreamError(f"local model: {exc}") from exc
-            finally:
-                reply.upstream_s += time.perf_counter() - t
-            if delta:
-                head = {} if role_sent else {"role": "assistant"}
-                role_sent = True
-                yield _chunk(cid, model, created, {**head, "content": delta}, None)
+        try:
+            async for delta in timed(generation, reply):
+                if delta:
+                    head = {} if role_sent else {"role": "assistant"}
+                    role_sent = True
+                    yield _chunk(cid, model, created, {**head, "content": delta}, None)
+        except LocalModelError as exc:
+            raise UpstreamError(f"local model: {exc}") from exc
         yield _chunk(cid, model, created, {}, generation.finish_reason or "stop")
         if include_usage:
             usage = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

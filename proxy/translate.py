@@ -18,7 +18,7 @@ import httpx
 
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.settings import RouteConfig
-from proxy.upstream import UpstreamReply, upstream_model, upstream_status_error
+from proxy.upstream import UpstreamReply, timed, upstream_model, upstream_status_error
 
 _LITELLM_PREFIX = {"anthropic": "anthropic", "ollama": "ollama_chat"}
 _import_lock = threading.Lock()
@@ -82,18 +82,11 @@ async def _one(payload: bytes) -> AsyncIterator[bytes]:
 
 
 async def _sse(stream: Any, reply: UpstreamReply, provider: str) -> AsyncIterator[bytes]:
-    iterator = stream.__aiter__()
-    while True:
-        t = time.perf_counter()
-        try:
-            chunk = await anext(iterator)
-        except StopAsyncIteration:
-            break
-        except Exception as exc:
-            raise translate_error(provider, exc) from exc
-        finally:
-            reply.upstream_s += time.perf_counter() - t
-        yield b"data: " + json.dumps(chunk.model_dump(exclude_none=True)).encode() + b"\n\n"
+    try:
+        async for chunk in timed(stream, reply):
+            yield b"data: " + json.dumps(chunk.model_dump(exclude_none=True)).encode() + b"\n\n"
+    except Exception as exc:  # litellm's exceptions, translated once, here
+        raise translate_error(provider, exc) from exc
     yield b"data: [DONE]\n\n"
 
 

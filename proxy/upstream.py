@@ -15,12 +15,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import httpx
 
 from proxy.errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
 from proxy.settings import RouteConfig
+
+T = TypeVar("T")
 
 # Upstream response headers worth passing on to the client.
 _FORWARDED_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-")
@@ -102,22 +104,28 @@ async def _empty() -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover
 
 
+async def timed(items: AsyncIterator[T], reply: UpstreamReply) -> AsyncIterator[T]:
+    """Yield from ``items``, adding the time spent waiting for each to ``reply.upstream_s``."""
+    iterator = aiter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        finally:
+            reply.upstream_s += time.perf_counter() - started
+        yield item
+
+
 async def _timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
     try:
-        chunks = response.aiter_raw()
-        while True:
-            t = time.perf_counter()
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
-            except httpx.TimeoutException as exc:
-                raise UpstreamTimeout("upstream timed out while streaming") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
-            finally:
-                reply.upstream_s += time.perf_counter() - t
+        async for chunk in timed(response.aiter_raw(), reply):
             yield chunk
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout("upstream timed out while streaming") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
     finally:
         await response.aclose()
 

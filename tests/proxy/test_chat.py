@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.proxy.conftest import PROXY_KEY, UPSTREAM, chat_body, completion_json, learner_of
+from tests.proxy.conftest import UPSTREAM, chat_body, completion_json, learner_of
 
 SSE = (
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
