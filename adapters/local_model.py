@@ -433,6 +433,9 @@ class LocalModel:
     def _read(self, source: _Source) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # tqdm bars would break the service's JSON log lines
 
         # bf16 only on CUDA, and not for a GGUF, which is dequantized to fp32 and cached as such
         cuda = self.device.startswith("cuda") and source.kind != "gguf"

@@ -2,8 +2,13 @@
 
 Threads: one DuckDB connection per store and one cursor per thread (cursors are
 separate connections to the same database instance, so they share the loaded
-extensions and see each other's committed writes). Reads run concurrently; writes
-are serialised by a lock, matching DuckDB's single-writer model.
+extensions and see each other's committed writes). Writes are serialised by one
+lock, matching DuckDB's single-writer model. HNSW index scans take the same lock:
+with DuckDB 1.5.5's vss, an index scan running while another thread inserts into
+the index crashes the process (SIGSEGV in usearch's search, measured: 4 searching
+threads and 1 writer crashed every run; a reader/writer lock that let index scans
+overlap each other still crashed 1 run in 10). Exact scans and plain reads do not
+touch the index and run concurrently.
 
 Per-user search: DuckDB applies `WHERE user_id = ?` *after* the HNSW top-k, so a
 filtered index scan can return fewer rows than asked, or none. `search` over-fetches
@@ -191,7 +196,8 @@ class MemoryStore:
         self._local = threading.local()
         self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
         self._cursors_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        # Held by every write and every HNSW index scan (see the module docstring).
+        self._index_lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -261,7 +267,7 @@ class MemoryStore:
 
     def close(self) -> None:
         """Close every cursor and the connection (checkpointing the file). Idempotent."""
-        with self._write_lock, self._cursors_lock:
+        with self._index_lock, self._cursors_lock:
             if self._closed:
                 return
             self._closed = True
@@ -300,7 +306,7 @@ class MemoryStore:
         # Embed outside the write lock (the model is slow), unless it is a duplicate.
         if embedding is None and not self._exists(user_id, digest):
             embedding = self._embedder.embed([content])[0]
-        with self._write_lock:
+        with self._index_lock:
             cursor = self._writable_cursor()
             now = self._clock.now()
             # A duplicate is returned as it is, not touched: with DuckDB 1.5.5's vss, repeated
@@ -372,7 +378,7 @@ class MemoryStore:
             }
         )
         view = f"bulk_add_{uuid.uuid4().hex}"
-        with self._write_lock:
+        with self._index_lock:
             cursor = self._writable_cursor()
             cursor.register(view, batch)
             try:
@@ -396,7 +402,7 @@ class MemoryStore:
 
     def forget(self, user_id: str, memory_id: str) -> bool:
         """Delete a memory for good; only if it belongs to `user_id`."""
-        with self._write_lock:
+        with self._index_lock:
             deleted = self._writable_cursor().execute(
                 "DELETE FROM memories WHERE id = ? AND user_id = ? RETURNING id",
                 [memory_id, user_id],
@@ -416,9 +422,10 @@ class MemoryStore:
             return []
         query = _vector_param(embedding)
         cursor = self._cursor()
-        rows = cursor.execute(
-            HNSW_SEARCH_SQL, [query, user_id, k * self._overfetch]
-        ).fetchall()
+        with self._index_lock:
+            rows = cursor.execute(
+                HNSW_SEARCH_SQL, [query, user_id, k * self._overfetch]
+            ).fetchall()
         if len(rows) < k:
             # The index's top rows held too few of this user's: scan them all.
             rows = cursor.execute(EXACT_SEARCH_SQL, [query, user_id, k]).fetchall()
@@ -484,7 +491,7 @@ class MemoryStore:
             for r in records
         ]
         placeholders = ", ".join("?" for _ in _INTERACTION_COLUMNS)
-        with self._write_lock:
+        with self._index_lock:
             cursor = self._writable_cursor()
             cursor.execute("BEGIN TRANSACTION")
             try:
