@@ -226,6 +226,15 @@ class Memlane:
         return {"returncode": self.process.returncode, "report": report[:4000]}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads; None where /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 @contextlib.contextmanager
 def memlane_process(tmp: Path, upstream: str, *, memory: bool, ready_timeout: float,
                     extra_env: dict[str, str]) -> Iterator[Memlane]:
@@ -421,6 +430,7 @@ async def measure_setting(plan: Plan, upstream: str, memlane: Memlane) -> dict:
                     for name in targets:
                         await one(name, n, c)
                 before = await overhead_histogram(client, memlane.url)
+                cpu_before = cpu_seconds(memlane.process.pid)
                 rounds: dict[str, list[Round]] = {"direct": [], "proxied": []}
                 for i in range(plan.rounds):
                     if i >= plan.min_rounds and time.perf_counter() - started > plan.budget_s:
@@ -428,12 +438,16 @@ async def measure_setting(plan: Plan, upstream: str, memlane: Memlane) -> dict:
                     for name in targets:
                         rounds[name].append(await one(name, n, c))
                 after = await overhead_histogram(client, memlane.url)
+                cpu_after = cpu_seconds(memlane.process.pid)
             except MemlaneCrashed as exc:
                 out[c] = {"crashed": exc.crash}
                 print(f"  c={c:<3} memlane CRASHED (exit code {exc.crash['returncode']}); "
                       f"skipping the rest of this setting", flush=True)
                 break
             out[c] = summarise(rounds, overhead_summary(before, after))
+            if cpu_before is not None and cpu_after is not None:
+                # All memlane's CPU during the measured rounds (its learner included) per proxied request.
+                out[c]["memlane_cpu_per_request"] = (cpu_after - cpu_before) / max(out[c]["proxied"]["n"], 1)
             out[c]["loadavg_1m"] = [load_before, os.getloadavg()[0]]
             out[c]["elapsed_s"] = time.perf_counter() - started
             r = out[c]
@@ -481,21 +495,22 @@ def verdict(ok: bool) -> str:
 def markdown(results: dict) -> str:
     lines = [
         "| memory | c | requests (each side) | direct p50 | direct p99 | proxied p50 | proxied p99 "
-        "| added p50 | added p99 | p50 ratio | memlane_overhead_seconds mean / p50~ / p99~ |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p50 | added p99 | p50 ratio | memlane CPU / request | memlane_overhead_seconds mean / p50~ / p99~ |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setting, by_c in results["settings"].items():
         for c, r in by_c.items():
             if "crashed" in r:
                 lines.append(f"| {setting} | {c} | memlane crashed (exit code {r['crashed']['returncode']}) "
-                             "| - | - | - | - | - | - | - | - |")
+                             "| - | - | - | - | - | - | - | - | - |")
                 continue
             o = r["overhead_metric"]
             metric = f"{ms(o['mean'])} / {ms(o['p50'])} / {ms(o['p99'])}" if o.get("count") else "-"
             lines.append(
                 f"| {setting} | {c} | {r['proxied']['n']} | {ms(r['direct']['p50'])} | {ms(r['direct']['p99'])} "
                 f"| {ms(r['proxied']['p50'])} | {ms(r['proxied']['p99'])} | **{ms(r['added_p50'])}** "
-                f"| **{ms(r['added_p99'])}** | {r['p50_ratio']:.2f}x | {metric} |"
+                f"| **{ms(r['added_p99'])}** | {r['p50_ratio']:.2f}x "
+                f"| {ms(r['memlane_cpu_per_request']) if 'memlane_cpu_per_request' in r else '-'} | {metric} |"
             )
     lines.append("")
     lines.append("All times in ms. `~`: interpolated within Prometheus buckets.")

@@ -320,7 +320,10 @@ def test_in_memory_database_works(tmp_path: Path) -> None:
 
 
 def test_searches_in_threads_while_one_thread_writes(store: MemoryStore, clock: Clock) -> None:
+    # Regression: an HNSW scan overlapping an insert crashed the process (SIGSEGV in
+    # vss/usearch), most often while the index grows past a power of two.
     embedder = HashEmbedder()
+    rng = np.random.default_rng(11)
     store.bulk_add("bob", [f"bob likes thing {i}" for i in range(100)],
                    embedder.embed([f"bob likes thing {i}" for i in range(100)]), source="test")
     stop = threading.Event()
@@ -343,6 +346,8 @@ def test_searches_in_threads_while_one_thread_writes(store: MemoryStore, clock: 
     try:
         for i in range(60):
             store.add("alice", f"alice likes thing {i}", source="test")
+            store.bulk_add(f"crowd-{i}", [f"crowd {i} {j}" for j in range(16)],
+                           unit(rng.standard_normal((16, DIM))), source="test")
             if i % 20 == 0:
                 store.log_interactions([interaction(f"req-{i}", "alice", clock)])
     finally:
@@ -351,7 +356,8 @@ def test_searches_in_threads_while_one_thread_writes(store: MemoryStore, clock: 
             thread.join()
 
     assert errors == []
-    assert store.count("alice") == 60 and len(store.interactions()) == 3
+    assert store.count("alice") == 60 and store.count() == 100 + 60 * 17
+    assert len(store.interactions()) == 3
     assert max(seen_rows) == 5
     assert len(store.search_text("alice", "alice likes thing", k=5)) == 5
 
