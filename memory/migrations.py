@@ -16,6 +16,8 @@ from datetime import datetime
 import duckdb
 
 __all__ = [
+    "CREATE_HNSW_INDEX_SQL",
+    "HNSW_INDEX",
     "MIGRATIONS",
     "Migration",
     "MigrationError",
@@ -34,6 +36,14 @@ class Migration:
     version: int
     name: str
     apply: Callable[[duckdb.DuckDBPyConnection], None]
+
+
+# The store drops and rebuilds this index (see `MemoryStore.forget`), so the statement
+# lives here once. A later change to the index is a new migration, not an edit.
+HNSW_INDEX = "memories_embedding_hnsw"
+CREATE_HNSW_INDEX_SQL = (
+    f"CREATE INDEX {HNSW_INDEX} ON memories USING HNSW (embedding) WITH (metric = 'cosine')"
+)
 
 
 def m001_initial(conn: duckdb.DuckDBPyConnection) -> None:
@@ -58,10 +68,7 @@ def m001_initial(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute(
         "CREATE UNIQUE INDEX memories_user_content_hash ON memories (user_id, content_hash)"
     )
-    conn.execute(
-        "CREATE INDEX memories_embedding_hnsw ON memories "
-        "USING HNSW (embedding) WITH (metric = 'cosine')"
-    )
+    conn.execute(CREATE_HNSW_INDEX_SQL)
     conn.execute(
         """
         CREATE TABLE interactions (

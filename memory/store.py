@@ -10,6 +10,14 @@ threads and 1 writer crashed every run; a reader/writer lock that let index scan
 overlap each other still crashed 1 run in 10). Exact scans and plain reads do not
 touch the index and run concurrently.
 
+Deletes: vss keeps a tombstone in the index for every deleted row, and once they
+fill its lookup table a DELETE spins forever (measured, insert+delete cycles: with
+50 rows the hang came between the 70th and 80th delete, with 1,000 rows between
+the 1,000th and 1,250th, with an empty table before the 200th; an UPDATE deletes
+too, so rows are never updated; PRAGMA hnsw_compact_index corrupted the heap).
+Reloading or rebuilding the index clears them, so `forget` rebuilds it after
+max(16, rows // 4) deletes since it was last loaded or built.
+
 Per-user search: DuckDB applies `WHERE user_id = ?` *after* the HNSW top-k, so a
 filtered index scan can return fewer rows than asked, or none. `search` over-fetches
 from the index and, when that yields fewer than k rows of the user, falls back to an
@@ -37,7 +45,12 @@ import pyarrow as pa
 
 from memory.embed import Embedder
 from memory.extensions import connect
-from memory.migrations import apply_migrations, check_schema_current
+from memory.migrations import (
+    CREATE_HNSW_INDEX_SQL,
+    HNSW_INDEX,
+    apply_migrations,
+    check_schema_current,
+)
 
 __all__ = [
     "Clock",
@@ -51,6 +64,9 @@ __all__ = [
 ]
 
 EMBEDDING_DIM = 384
+# Deletes allowed between HNSW rebuilds: max(this, rows // 4), well below the
+# counts at which vss was seen to hang (module docstring).
+MIN_DELETES_BETWEEN_REBUILDS = 16
 
 _MEMORY_COLUMNS = "id, user_id, content, source, source_ref, created_at, updated_at"
 
@@ -187,6 +203,7 @@ class MemoryStore:
         clock: Clock,
         read_only: bool,
         overfetch: int,
+        deletes_since_index_load: int = 0,
     ) -> None:
         self._conn = conn
         self._embedder = embedder
@@ -199,6 +216,7 @@ class MemoryStore:
         # Held by every write and every HNSW index scan (see the module docstring).
         self._index_lock = threading.Lock()
         self._closed = False
+        self._deletes_since_index_load = deletes_since_index_load
 
     @classmethod
     def open(
@@ -221,6 +239,9 @@ class MemoryStore:
         if overfetch < 1:
             raise ValueError("overfetch must be at least 1")
         clock = clock or SystemClock()
+        # Replaying a WAL left by a crash re-applies its deletes to the loaded index,
+        # so their tombstones are unknown: treat the delete budget as spent.
+        unclean = str(path) != ":memory:" and Path(f"{path}.wal").exists()
         conn = connect(path, read_only=read_only)
         try:
             # Without it DuckDB refuses HNSW indexes in a database file. GLOBAL so
@@ -234,7 +255,12 @@ class MemoryStore:
             conn.close()
             raise
         return cls(
-            conn, embedder=embedder, clock=clock, read_only=read_only, overfetch=overfetch
+            conn,
+            embedder=embedder,
+            clock=clock,
+            read_only=read_only,
+            overfetch=overfetch,
+            deletes_since_index_load=10**9 if unclean else 0,
         )
 
     # -- connections -----------------------------------------------------------
@@ -401,13 +427,36 @@ class MemoryStore:
         return int(inserted)
 
     def forget(self, user_id: str, memory_id: str) -> bool:
-        """Delete a memory for good; only if it belongs to `user_id`."""
+        """Delete a memory for good; only if it belongs to `user_id`.
+
+        Every so often this also rebuilds the HNSW index (module docstring), which
+        takes a few seconds per 10,000 memories.
+        """
         with self._index_lock:
-            deleted = self._writable_cursor().execute(
+            cursor = self._writable_cursor()
+            deleted = cursor.execute(
                 "DELETE FROM memories WHERE id = ? AND user_id = ? RETURNING id",
                 [memory_id, user_id],
             ).fetchall()
+            if deleted:
+                self._deletes_since_index_load += 1
+                self._rebuild_index_if_due(cursor)
         return bool(deleted)
+
+    def _rebuild_index_if_due(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        """Drop and rebuild the HNSW index when deletes may be near the vss hang."""
+        (rows,) = cursor.execute("SELECT count(*) FROM memories").fetchone()  # type: ignore[misc]
+        if self._deletes_since_index_load < max(MIN_DELETES_BETWEEN_REBUILDS, rows // 4):
+            return
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+            cursor.execute(CREATE_HNSW_INDEX_SQL)
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        self._deletes_since_index_load = 0
 
     # -- memories: reads -------------------------------------------------------
 

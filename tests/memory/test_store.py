@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -5,6 +8,7 @@ import duckdb
 import numpy as np
 import pytest
 
+import memory
 from memory import (
     Clock,
     HashEmbedder,
@@ -367,3 +371,49 @@ def test_the_same_fact_stated_many_times_stays_one_memory(store: MemoryStore) ->
     for _ in range(300):
         _, created = store.add("alice", "The user prefers tabs.", source="extractor:rules")
     assert store.count("alice") == 1
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang is inside DuckDB, out of reach of signals
+def test_learning_and_forgetting_a_fact_many_times_does_not_hang(
+    store: MemoryStore, db_path: Path
+) -> None:
+    # Regression: vss left a tombstone per deleted row and the ~100th DELETE spun forever.
+    for _ in range(250):
+        memory, created = store.add("alice", "The user prefers tabs.", source="cli")
+        assert created and store.forget("alice", memory.id)
+    kept, _ = store.add("alice", "The user prefers tabs.", source="cli")
+
+    assert [m.id for m in store.search_text("alice", "prefers tabs")] == [kept.id]
+    store.close()
+    conn = connect(db_path)
+    try:
+        query = HashEmbedder().embed(["tabs"])[0].tolist()
+        assert "HNSW_INDEX_SCAN" in plan(conn, HNSW_SEARCH_SQL, [query, "alice", 50])
+    finally:
+        conn.close()
+
+
+def test_a_store_left_by_a_crash_reopens_with_its_memories(db_path: Path) -> None:
+    writer = (
+        "import os, sys\n"
+        "from memory import HashEmbedder, MemoryStore\n"
+        "store = MemoryStore.open(sys.argv[1], embedder=HashEmbedder())\n"
+        "for i in range(20):\n"
+        "    store.add('alice', f'The user owns {i} bicycles.', source='cli')\n"
+        "doomed, _ = store.add('alice', 'The user hates olives.', source='cli')\n"
+        "store.forget('alice', doomed.id)\n"
+        "os._exit(0)  # no close, no checkpoint: the WAL must be replayed\n"
+    )
+    root = Path(memory.__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", writer, str(db_path)], cwd=root, check=True,
+                   env={**os.environ, "PYTHONPATH": str(root)}, timeout=60)
+    assert Path(f"{db_path}.wal").exists()
+
+    with MemoryStore.open(db_path, embedder=HashEmbedder()) as store:
+        assert store.count("alice") == 20
+        assert store.search_text("alice", "owns 7 bicycles", k=1)[0].content == (
+            "The user owns 7 bicycles."
+        )
+        assert store.search_text("alice", "hates olives", min_score=0.5) == []
+        first = store.list("alice")[0]
+        assert store.forget("alice", first.id) and store.count("alice") == 19
