@@ -52,6 +52,9 @@ def serve(
 
     settings = _settings(config, host=host, port=port, database=db, log_format=log_format)
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

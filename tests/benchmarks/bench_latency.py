@@ -440,7 +440,8 @@ async def measure_setting(plan: Plan, upstream: str, memlane: Memlane) -> dict:
                 after = await overhead_histogram(client, memlane.url)
                 cpu_after = cpu_seconds(memlane.process.pid)
             except MemlaneCrashed as exc:
-                out[c] = {"crashed": exc.crash}
+                for level in plan.concurrency[plan.concurrency.index(c):]:  # this level and those not run
+                    out[level] = {"crashed": {**exc.crash, "at": c}}
                 print(f"  c={c:<3} memlane CRASHED (exit code {exc.crash['returncode']}); "
                       f"skipping the rest of this setting", flush=True)
                 break
@@ -462,8 +463,11 @@ def summarise(rounds: dict[str, list[Round]], overhead: dict) -> dict:
     result: dict = {}
     for name, rs in rounds.items():
         latencies = [x for r in rs for x in r.latencies]
+        errors = dict(sum((r.errors for r in rs), Counter()))
+        if not latencies:
+            raise RuntimeError(f"no {name} request succeeded: {errors}")
         s = stats(latencies)
-        s["errors"] = dict(sum((r.errors for r in rs), Counter()))
+        s["errors"] = errors
         s["rps"] = sum(len(r.latencies) for r in rs) / sum(r.wall_s for r in rs)
         result[name] = s
     result["added_p50"] = result["proxied"]["p50"] - result["direct"]["p50"]
@@ -501,8 +505,9 @@ def markdown(results: dict) -> str:
     for setting, by_c in results["settings"].items():
         for c, r in by_c.items():
             if "crashed" in r:
-                lines.append(f"| {setting} | {c} | memlane crashed (exit code {r['crashed']['returncode']}) "
-                             "| - | - | - | - | - | - | - | - | - |")
+                crash = r["crashed"]
+                lines.append(f"| {setting} | {c} | memlane crashed at c={crash['at']} (exit code "
+                             f"{crash['returncode']}) | - | - | - | - | - | - | - | - | - |")
                 continue
             o = r["overhead_metric"]
             metric = f"{ms(o['mean'])} / {ms(o['p50'])} / {ms(o['p99'])}" if o.get("count") else "-"
@@ -520,7 +525,7 @@ def markdown(results: dict) -> str:
         for c, m in results["memory_cost"].items():
             lines.append(f"| {c} | {ms(m['off_p99'])} | {ms(m['on_p99'])} | **{ms(m['cost_p99'])}** "
                          f"| {ms(m['cost_added_p99'])} | {m['injected_mean']:.2f} |")
-    lines += ["", "Targets:"]
+    lines += ["", "Targets:" + (" (a --quick run: too few requests to judge them)" if results["plan"]["quick"] else "")]
     for t in results["targets"]:
         value = "memlane crashed" if t["value"] is None else f"{ms(t['value'])} ms"
         lines.append(f"- {t['target']}: {value}, {verdict(t['met'])}")
@@ -573,7 +578,7 @@ def compare(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_latency", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 1,000 memories, 3 rounds of small sizes (about 2 minutes)")
+                   help="a smoke run: 1,000 memories, 3 small rounds (1-3 minutes); too few requests for the targets")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--round-size", type=int, nargs="+", default=None,
                    help="requests per round at each concurrency, in order (default 100 400 640)")
@@ -596,6 +601,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     quick = args.quick
     args.round_size = args.round_size or ([50, 160, 320] if quick else [100, 400, 640])
     args.rounds = args.rounds or (3 if quick else 20)
@@ -615,14 +621,14 @@ def run(args: argparse.Namespace) -> dict:
     plan = Plan(tuple(args.concurrency), dict(zip(args.concurrency, args.round_size)), args.rounds,
                 args.warmup_rounds, args.min_rounds, args.budget)
     results: dict = {
-        "command": "python -m tests.benchmarks.bench_latency " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m tests.benchmarks.bench_latency", *args.argv]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(),
                     "loadavg_at_start": os.getloadavg()},
         "plan": {"concurrency": list(plan.concurrency), "round_size": plan.round_size, "rounds": plan.rounds,
                  "warmup_rounds": plan.warmup_rounds, "min_rounds": plan.min_rounds, "budget_s": plan.budget_s,
                  "memories": args.memories, "seed": args.seed,
-                 "memlane_env": args.memlane_env,
+                 "memlane_env": args.memlane_env, "quick": args.quick,
                  "load_loop": args.loop},
         "settings": {},
     }
@@ -680,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(results))
     for setting, by_c in results["settings"].items():
         for c, r in by_c.items():
-            if "crashed" in r:
+            if "crashed" in r and r["crashed"]["at"] == c:
                 print(f"\nmemlane crashed ({setting}, c={c}):\n{r['crashed']['report'][:2500]}")
     print(f"\nCommand: {results['command']}\nElapsed: {results['elapsed_s']:.0f} s")
     if args.out:
