@@ -75,10 +75,7 @@ async def chat_completions(request: Request) -> Response:
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     try:
-        content = await until_disconnect(request, _collect(reply))
-    except ClientDisconnected:
-        exchange.finish(499, "client_disconnected", b"", upstream_s=reply.upstream_s)
-        return Response(status_code=499)
+        content = await _collect(reply)  # non-streaming replies arrive whole from open()
     except ProxyError as err:
         exchange.finish(err.status, err.message, b"", upstream_s=reply.upstream_s)
         err.headers.update(headers)

@@ -17,7 +17,7 @@ from typing import Any
 from adapters import ContextLengthError, GenerationParams, LocalModel, LocalModelError
 from proxy.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamError
 from proxy.settings import RouteConfig
-from proxy.upstream import UpstreamReply, timed, upstream_model
+from proxy.upstream import UpstreamReply, one_chunk, timed, upstream_model
 
 MAX_NEW_TOKENS = 2048
 
@@ -61,12 +61,12 @@ class LocalUpstream:
                 raise UpstreamError(f"local model: {exc}") from exc
             payload = _completion(completion_id, model_name, text, generation)
             return UpstreamReply(
-                body=_one(json.dumps(payload).encode()), provider=self.provider,
+                body=one_chunk(json.dumps(payload).encode()), provider=self.provider,
                 upstream_s=time.perf_counter() - started,
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         reply = UpstreamReply(
-            body=_one(b""), provider=self.provider, media_type="text/event-stream", _close=generation.aclose
+            body=one_chunk(b""), provider=self.provider, media_type="text/event-stream", _close=generation.aclose
         )
         reply.body = _sse(completion_id, model_name, generation, include_usage, reply)
         return reply
@@ -86,10 +86,6 @@ def generation_params(body: dict[str, Any]) -> GenerationParams:
         stop=tuple(str(s) for s in stop),
         seed=body.get("seed"),
     )
-
-
-async def _one(payload: bytes) -> AsyncIterator[bytes]:
-    yield payload
 
 
 def _usage(generation: Any) -> dict[str, int]:

@@ -112,6 +112,7 @@ class RequestContextMiddleware:
         elapsed = time.perf_counter() - started
         self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
         self.metrics.latency.labels(route=route).observe(elapsed)
-        if route not in ("/healthz", "/metrics"):
-            log.info("http_request", method=scope["method"], route=route, status=status,
-                     latency_ms=round(elapsed * 1000, 3))
+        if route in ("/healthz", "/metrics") or (route == "/v1/chat/completions" and status < 400):
+            return  # probes are noise; a served chat request already logged chat_done
+        log.info("http_request", method=scope["method"], route=route, status=status,
+                 latency_ms=round(elapsed * 1000, 3))

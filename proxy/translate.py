@@ -18,7 +18,7 @@ import httpx
 
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.settings import RouteConfig
-from proxy.upstream import UpstreamReply, timed, upstream_model, upstream_status_error
+from proxy.upstream import UpstreamReply, one_chunk, timed, upstream_model, upstream_status_error
 
 _LITELLM_PREFIX = {"anthropic": "anthropic", "ollama": "ollama_chat"}
 _import_lock = threading.Lock()
@@ -68,17 +68,13 @@ class LiteLLMUpstream:
         waited = time.perf_counter() - started
         if not stream:
             payload = json.dumps(result.model_dump(exclude_none=True)).encode()
-            return UpstreamReply(body=_one(payload), provider=self.provider, upstream_s=waited)
+            return UpstreamReply(body=one_chunk(payload), provider=self.provider, upstream_s=waited)
         reply = UpstreamReply(
-            body=_one(b""), provider=self.provider, media_type="text/event-stream", upstream_s=waited,
+            body=one_chunk(b""), provider=self.provider, media_type="text/event-stream", upstream_s=waited,
             _close=getattr(result, "aclose", None),
         )
         reply.body = _sse(result, reply, self.provider)
         return reply
-
-
-async def _one(payload: bytes) -> AsyncIterator[bytes]:
-    yield payload
 
 
 async def _sse(stream: Any, reply: UpstreamReply, provider: str) -> AsyncIterator[bytes]:

@@ -87,6 +87,20 @@ class OpenAIUpstream:
             await response.aclose()
             raise upstream_status_error(self.provider, response.status_code, content, response.headers)
 
+        if not stream:  # read it all here, where the caller's disconnect watch still applies
+            try:
+                content = await response.aread()
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout(f"{self.provider} upstream timed out") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"{self.provider} upstream broke: {type(exc).__name__}") from exc
+            finally:
+                await response.aclose()
+            return UpstreamReply(
+                body=one_chunk(content), provider=self.provider, headers=forwarded_headers(response.headers),
+                media_type=response.headers.get("content-type", "application/json").split(";")[0],
+                upstream_s=time.perf_counter() - started,
+            )
         reply = UpstreamReply(
             body=_empty(),
             provider=self.provider,
@@ -97,6 +111,10 @@ class OpenAIUpstream:
         )
         reply.body = _timed_raw(response, reply)
         return reply
+
+
+async def one_chunk(payload: bytes) -> AsyncIterator[bytes]:
+    yield payload
 
 
 async def _empty() -> AsyncIterator[bytes]:

@@ -617,11 +617,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def code_version() -> dict:
+    """The commit measured, and which of memlane's own files differ from it (read-only git calls)."""
+    def git(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", "proxy", "memory", "learner", "adapters")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed.splitlines() if changed else []}
+
+
 def run(args: argparse.Namespace) -> dict:
     plan = Plan(tuple(args.concurrency), dict(zip(args.concurrency, args.round_size)), args.rounds,
                 args.warmup_rounds, args.min_rounds, args.budget)
     results: dict = {
         "command": " ".join(["python -m tests.benchmarks.bench_latency", *args.argv]),
+        "code": code_version(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(),
                     "loadavg_at_start": os.getloadavg()},
@@ -648,6 +662,8 @@ def run(args: argparse.Namespace) -> dict:
                                      extra_env=args.memlane_env) as memlane:
                     results["settings"][label] = _loop_run(args.loop, measure_setting(plan, upstream, memlane))
     results["elapsed_s"] = time.perf_counter() - started
+    if code_version() != results["code"]:
+        results["code"]["changed_during_run"] = True  # memlane was restarted per setting: say so
     compare(results)
     return results
 
@@ -688,7 +704,11 @@ def main(argv: list[str] | None = None) -> None:
         for c, r in by_c.items():
             if "crashed" in r and r["crashed"]["at"] == c:
                 print(f"\nmemlane crashed ({setting}, c={c}):\n{r['crashed']['report'][:2500]}")
-    print(f"\nCommand: {results['command']}\nElapsed: {results['elapsed_s']:.0f} s")
+    code = results["code"]
+    print(f"\nCommand: {results['command']}\nCommit: {code['commit']}"
+          + (f" with uncommitted changes: {', '.join(code['uncommitted'])}" if code["uncommitted"] else "")
+          + (" (the code changed during the run)" if code.get("changed_during_run") else "")
+          + f"\nElapsed: {results['elapsed_s']:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"Results written to {args.out}")
