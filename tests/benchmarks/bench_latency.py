@@ -597,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the built memory database here and reuse it on later runs with the same "
                         "--memories and --seed (embedding 10,000 memories takes ~30 s on an idle 2-core machine)")
     p.add_argument("--memlane-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for memlane, to try a change (e.g. OMP_NUM_THREADS=1); repeatable")
+                   help="extra environment for memlane, to try a setting (e.g. MEMLANE_TORCH_THREADS=2); repeatable")
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
