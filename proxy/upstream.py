@@ -64,6 +64,13 @@ class OpenAIUpstream:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
+        self._urls: dict[str, httpx.URL] = {}  # per api_base: parsing a URL per request shows in profiles
+
+    def _url(self, api_base: str) -> httpx.URL:
+        url = self._urls.get(api_base)
+        if url is None:
+            url = self._urls[api_base] = httpx.URL(api_base.rstrip("/") + "/chat/completions")
+        return url
 
     async def open(self, route: RouteConfig, body: dict, *, stream: bool) -> UpstreamReply:
         if not route.api_base:
@@ -72,9 +79,8 @@ class OpenAIUpstream:
         if route.api_key is not None:
             headers["authorization"] = f"Bearer {route.api_key.get_secret_value()}"
         payload = dict(body, model=upstream_model(route, body["model"]))
-        request = self._client.build_request(
-            "POST", route.api_base.rstrip("/") + "/chat/completions", headers=headers, content=json.dumps(payload)
-        )
+        request = self._client.build_request("POST", self._url(route.api_base), headers=headers,
+                                             content=json.dumps(payload))
         started = time.perf_counter()
         try:
             response = await self._client.send(request, stream=True)
