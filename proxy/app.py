@@ -75,6 +75,7 @@ def create_app(
                     the_store, BatchingEmbedder(emb) if the_store is not None else None, metrics,
                     enabled=settings.memory, top_k=settings.memory_top_k,
                     min_score=settings.memory_min_score, token_cap=settings.memory_token_cap,
+                    budget_s=settings.memory_budget_ms / 1000,
                 ),
                 learner=learner,
                 store=the_store,

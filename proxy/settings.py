@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     memory_top_k: int = Field(default=5, ge=0, le=50)
     memory_min_score: float = Field(default=0.2, ge=-1.0, le=1.0)
     memory_token_cap: int = Field(default=400, ge=0)
+    memory_budget_ms: int = Field(default=2000, ge=1)  # retrieval slower than this: answer without memory
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)

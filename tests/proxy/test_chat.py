@@ -192,3 +192,23 @@ async def test_extracted_fact_reaches_a_later_conversation(client, respx_mock, s
     await client.post("/v1/chat/completions", json=chat_body("Suggest a snack, I'm allergic to anything?"))
     injected = sent_json(route)["messages"][0]["content"]
     assert "The user is allergic to peanuts." in injected
+
+
+@pytest.mark.respx(assert_all_called=True)
+async def test_retrieval_slower_than_the_budget_answers_without_memory(app_factory, respx_mock, store):
+    import time as _time
+
+    from tests.proxy.conftest import running
+
+    store.add("default", "The user is allergic to peanuts.", source="test")
+    real_search = store.search
+
+    def slow_search(*a, **k):
+        _time.sleep(0.3)
+        return real_search(*a, **k)
+
+    store.search = slow_search
+    respx_mock.post(f"{UPSTREAM}/chat/completions").mock(return_value=httpx.Response(200, json=completion_json()))
+    async with running(app_factory(memory_budget_ms=50)) as c:
+        r = await c.post("/v1/chat/completions", json=chat_body("what am I allergic to, peanuts?"))
+    assert r.status_code == 200 and r.headers["x-memlane-memory"] == "unavailable"
