@@ -33,8 +33,8 @@ _HIDDEN = "\ue000"  # stands in for removed text; a sentence touching it is neve
 _QUOTE_CHARS = frozenset('"“”‘`')  # a stray quote left after hiding also drops the sentence
 
 _BLOCK_BREAK = f"\n{_HIDDEN}\n"  # a hidden block also ends the sentence before it
-_MEMORY_LINE_RE = re.compile(r"^[ \t]*(?:[-*+•][ \t]+)?the user\b.*$", re.I | re.M)
-_FENCE_RE = re.compile(r"(```|~~~).*?(?:\1|\Z)", re.S)  # fenced code, closed or not
+_MEMORY_LINE_RE = re.compile(r"^[ \t]*(?:[-*+•][ \t]+)?the user\b.*$", re.IGNORECASE | re.MULTILINE)
+_FENCE_RE = re.compile(r"(```|~~~).*?(?:\1|\Z)", re.DOTALL)  # fenced code, closed or not
 _OPEN_TAG_RE = re.compile(r"<([A-Za-z][\w:.-]*)(?:\s[^<>]*)?>")  # <user_profile>, <memlane_...>
 # Inline spans are replaced by the marker so their sentence is dropped. Quoted spans are
 # capped in length so that many unclosed quotes cannot make the scan quadratic.
@@ -49,7 +49,7 @@ _INLINE_RES = (
 
 # --- 2. Sentences -----------------------------------------------------------------------
 _ABBREVIATION_RE = re.compile(
-    r"\b(?:e\.g|i\.e|vs|approx|mr|mrs|ms|dr|prof|st|jr|sr|a\.m|p\.m|u\.s|u\.k)\.", re.I
+    r"\b(?:e\.g|i\.e|vs|approx|mr|mrs|ms|dr|prof|st|jr|sr|a\.m|p\.m|u\.s|u\.k)\.", re.IGNORECASE
 )
 _PROTECTED_DOT = "\ue001"
 _SENTENCE_BREAK_RE = re.compile(r"(?<=[.!?…])\s+|(?<=[a-z][.!?])(?=[A-Z])|\s*[\n;•]\s*")
@@ -59,14 +59,14 @@ _LEAD_IN_RE = re.compile(  # discourse markers before the subject: "Also, I ..."
     r"hi|hello|hey|ok|okay|yes|yeah|yep|no|nope|honestly|personally|for context|"
     r"for the record|fun fact|in fact|just so you know|"
     r"(?:please )?(?:remember|note|keep in mind)(?: that)?)\b[\s,:!.—–-]*)+",
-    re.I,
+    re.IGNORECASE,
 )
 _TRAILING_RE = re.compile(r"[\s.!…]+$")
 # "My dog's a beagle": here 's is "is", not a possessive.
 _IS_CONTRACTION_RE = re.compile(
     r"^(my\s+(?:[\w-]+\s+){0,3}?[\w-]+)'s(?=\s+(?:a|an|the|not|very|so|really|called|named|"
     r"from|in|at|always|never|only|still|also)\b)",
-    re.I,
+    re.IGNORECASE,
 )
 
 # --- 3. Rejections, matched against the lower-cased probe with contractions expanded ----
@@ -136,54 +136,35 @@ _I_CLAUSE_RE = re.compile(
     r"before|until|although|though)\s+)"
     rf"(?P<subject>I'm|I've|Im|I)\b(?P<adverbs>(?:\s+(?:{_ADVERBS})\b)*)"
     r"(?:\s+(?P<verb>[A-Za-z][\w'-]*))?",
-    re.I,
+    re.IGNORECASE,
 )
-_MY_SUBJECT_RE = re.compile(r"^my\s", re.I)
+_MY_SUBJECT_RE = re.compile(r"^my\s", re.IGNORECASE)
 _OBJECT_PRONOUN_RE = re.compile(r"\b(?:[Mm]e|[Mm]y|[Mm]ine|[Mm]yself)\b")
 _OBJECT_PRONOUNS = {"me": "the user", "my": "the user's", "mine": "the user's",
                     "myself": "themselves"}
 _CONTRACTED_SUBJECTS = {"i'm": "the user is", "im": "the user is", "i've": "the user has"}
 
 _NON_VERBS = frozenset(
-    "a an the and or but to in at on of for with from too as so not no myself me my mine i "
-    "is are this that it".split()
+    ["a", "an", "the", "and", "or", "but", "to", "in", "at", "on", "of", "for", "with", "from", "too", "as", "so", "not", "no", "myself", "me", "my", "mine", "i", "is", "are", "this", "that", "it"]
 )
 _POSSESSIVE_VERBS = frozenset(  # the verb that ends "my <noun phrase>"
-    "is are was were has have had does do did can will "
-    "live lives lived work works worked like likes liked love loves loved hate hates hated "
-    "enjoy enjoys prefer prefers go goes went include includes eat eats ate use uses "
-    "start starts started begin begins began run runs ran play plays speak speaks know knows "
-    "bark barks sleep sleeps cost costs weigh weighs come comes came called named".split()
+    ["is", "are", "was", "were", "has", "have", "had", "does", "do", "did", "can", "will", "live", "lives", "lived", "work", "works", "worked", "like", "likes", "liked", "love", "loves", "loved", "hate", "hates", "hated", "enjoy", "enjoys", "prefer", "prefers", "go", "goes", "went", "include", "includes", "eat", "eats", "ate", "use", "uses", "start", "starts", "started", "begin", "begins", "began", "run", "runs", "ran", "play", "plays", "speak", "speaks", "know", "knows", "bark", "barks", "sleep", "sleeps", "cost", "costs", "weigh", "weighs", "come", "comes", "came", "called", "named"]
 )
 _PEOPLE = frozenset(
-    "friend bestie buddy pal colleague coworker co-worker boss manager employer mom mum mother "
-    "dad father parent brother sister sibling twin wife husband partner spouse girlfriend "
-    "boyfriend fiance fiancé fiancee fiancée ex son daughter kid child children baby aunt "
-    "uncle cousin niece nephew grandma grandpa grandmother grandfather grandparent grandson "
-    "granddaughter stepmom stepdad stepson stepdaughter in-law in-laws mother-in-law "
-    "father-in-law neighbor neighbour roommate flatmate housemate classmate teammate team "
-    "family relative teacher student mentor doctor therapist dentist lawyer coach client "
-    "customer landlord nanny person people man men woman women guy girl boy folks".split()
+    ["friend", "bestie", "buddy", "pal", "colleague", "coworker", "co-worker", "boss", "manager", "employer", "mom", "mum", "mother", "dad", "father", "parent", "brother", "sister", "sibling", "twin", "wife", "husband", "partner", "spouse", "girlfriend", "boyfriend", "fiance", "fiancé", "fiancee", "fiancée", "ex", "son", "daughter", "kid", "child", "children", "baby", "aunt", "uncle", "cousin", "niece", "nephew", "grandma", "grandpa", "grandmother", "grandfather", "grandparent", "grandson", "granddaughter", "stepmom", "stepdad", "stepson", "stepdaughter", "in-law", "in-laws", "mother-in-law", "father-in-law", "neighbor", "neighbour", "roommate", "flatmate", "housemate", "classmate", "teammate", "team", "family", "relative", "teacher", "student", "mentor", "doctor", "therapist", "dentist", "lawyer", "coach", "client", "customer", "landlord", "nanny", "person", "people", "man", "men", "woman", "women", "guy", "girl", "boy", "folks"]
 )
-_RELATION_ATTRIBUTES = frozenset("name names nickname birthday birthdays age anniversary".split())
+_RELATION_ATTRIBUTES = frozenset(["name", "names", "nickname", "birthday", "birthdays", "age", "anniversary"])
 _CONVERSATION_NOUNS = frozenset(  # "my question is ...", "my code doesn't ..."
-    "question questions problem problems issue issues error bug code script function program "
-    "query output input request prompt point answer reply message response test tests build "
-    "file files repo config understanding guess concern mistake bad apologies thoughts take "
-    "attempt solution doubt".split()
+    ["question", "questions", "problem", "problems", "issue", "issues", "error", "bug", "code", "script", "function", "program", "query", "output", "input", "request", "prompt", "point", "answer", "reply", "message", "response", "test", "tests", "build", "file", "files", "repo", "config", "understanding", "guess", "concern", "mistake", "bad", "apologies", "thoughts", "take", "attempt", "solution", "doubt"]
 )
 
 # --- 5. Verb agreement, table-driven ----------------------------------------------------
 _IRREGULAR_PRESENT = {"am": "is", "be": "is", "have": "has", "haven't": "hasn't",
                       "don't": "doesn't", "ain't": "isn't", "aren't": "isn't"}
 _IRREGULAR_PAST = frozenset(
-    "was had did went got made began became grew took left bought met sold built ran wrote "
-    "taught learnt spent felt found lost won gave came knew broke chose drove flew fell held "
-    "kept led paid quit sat slept spoke stood swam threw wore drank ate sang rode brought "
-    "caught fought dug hung shot stole struck born lent sent bent dealt burnt bit hid lit "
-    "shook woke froze forgave tore swore wept fed fled bred".split()
+    ["was", "had", "did", "went", "got", "made", "began", "became", "grew", "took", "left", "bought", "met", "sold", "built", "ran", "wrote", "taught", "learnt", "spent", "felt", "found", "lost", "won", "gave", "came", "knew", "broke", "chose", "drove", "flew", "fell", "held", "kept", "led", "paid", "quit", "sat", "slept", "spoke", "stood", "swam", "threw", "wore", "drank", "ate", "sang", "rode", "brought", "caught", "fought", "dug", "hung", "shot", "stole", "struck", "born", "lent", "sent", "bent", "dealt", "burnt", "bit", "hid", "lit", "shook", "woke", "froze", "forgave", "tore", "swore", "wept", "fed", "fled", "bred"]
 )
-_MODALS = frozenset("can cannot must".split())
+_MODALS = frozenset(["can", "cannot", "must"])
 _SUFFIX_RULES = (  # first match wins; the last rule always matches
     (re.compile(r"([^aeiou])y$"), r"\1ies"),  # study -> studies
     (re.compile(r"(s|sh|ch|x|z|o)$"), r"\1es"),  # watch -> watches, go -> goes
@@ -192,10 +173,9 @@ _SUFFIX_RULES = (  # first match wins; the last rule always matches
 
 # --- 6. Kinds: (kind, test on the main verb, pattern on the probe); first match wins ------
 _PREFERENCE_VERBS = frozenset(
-    "like liked love loved hate hated enjoy enjoyed dislike disliked prefer preferred adore "
-    "adored detest detested loathe".split()
+    ["like", "liked", "love", "loved", "hate", "hated", "enjoy", "enjoyed", "dislike", "disliked", "prefer", "preferred", "adore", "adored", "detest", "detested", "loathe"]
 )
-_SKILL_VERBS = frozenset("know speak can code program".split())
+_SKILL_VERBS = frozenset(["know", "speak", "can", "code", "program"])
 _NEGATION_RE = re.compile(r"\b(?:not|never|no|nobody|nothing|neither|nor)\b")
 _PREFERENCE_RE = re.compile(r"\b(?:favou?rites?|fan of|fond of|passionate about|obsessed with)\b")
 _SKILL_RE = re.compile(
@@ -242,7 +222,7 @@ def _hide_tagged_blocks(text: str) -> str:
     """Hide each <tag>...</tag> block; an opening tag never closed hides the rest."""
     parts, position = [], 0
     while (opening := _OPEN_TAG_RE.search(text, position)) is not None:
-        closing = re.compile(rf"</{re.escape(opening[1])}\s*>", re.I).search(text, opening.end())
+        closing = re.compile(rf"</{re.escape(opening[1])}\s*>", re.IGNORECASE).search(text, opening.end())
         parts += [text[position : opening.start()], _BLOCK_BREAK]
         position = closing.end() if closing else len(text)
     return "".join(parts) + text[position:]

@@ -21,7 +21,7 @@ import structlog
 
 from learner.extract import Fact, extract_facts
 from learner.teacher import assemble
-from memory import Embedder, InteractionRecord, MemoryStore
+from memory import Embedder, InteractionRecord, MemorySource, MemoryStore
 
 log = structlog.get_logger("memlane.learner")
 
@@ -48,6 +48,7 @@ class Exchange:
     latency_ms: float
     ttft_ms: float | None
     user_text: str | None  # the latest user turn, the only text facts are taken from
+    conversation_id: str | None = None  # same for every turn of one conversation
 
 
 class LearnerObserver(Protocol):
@@ -158,9 +159,9 @@ class LearnerWorker:
         vectors = self.embedder.embed([f.content for f in facts])
         created = 0
         for fact, vector in zip(facts, vectors, strict=True):
+            source = MemorySource("interaction", exchange.request_id, "rules", exchange.conversation_id)
             _, is_new = self.store.add(
-                exchange.user_id, fact.content, source="extractor:rules",
-                source_ref=exchange.request_id, embedding=vector,
+                exchange.user_id, fact.content, source=source, embedding=vector, kind=fact.kind,
             )
             created += is_new
         if created:
@@ -185,4 +186,5 @@ def to_record(exchange: Exchange) -> InteractionRecord:
         usage=usage,
         latency_ms=exchange.latency_ms,
         ttft_ms=exchange.ttft_ms,
+        conversation_id=exchange.conversation_id,
     )

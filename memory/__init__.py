@@ -1,40 +1,72 @@
-"""The Personal Memory System: embeddings, the DuckDB store and its schema.
+"""The Personal Memory System: memory entries in three tiers, their DuckDB store, embeddings,
+hybrid retrieval, promotion and forgetting, export and import.
 
 Other packages import only the names below.
 """
 
 from memory.embed import BatchingEmbedder, Embedder, HashEmbedder, MiniLMEmbedder
+from memory.entry import (
+    Confidence,
+    MemoryEntry,
+    MemorySource,
+    MemoryType,
+    ScoreParts,
+    Tier,
+    TruthCategory,
+    entry_from_dict,
+    entry_to_dict,
+)
 from memory.extensions import ExtensionNotFoundError, connect, load_extensions
+from memory.interactions import InteractionRecord
 from memory.migrations import MIGRATIONS, MigrationError
+from memory.relations import content_hash, parse_relation
+from memory.remember import RememberResult
+from memory.retrieve import RetrievalWeights
 from memory.store import (
     EMBEDDING_DIM,
     Clock,
-    InteractionRecord,
-    Memory,
+    Link,
     MemoryStore,
     ReadOnlyStoreError,
     StoreClosedError,
     SystemClock,
-    content_hash,
 )
+from memory.tiers import MaintenanceReport, TierPolicy
+
+Memory = MemoryEntry  # the name the first version used
 
 __all__ = [
     "EMBEDDING_DIM",
     "MIGRATIONS",
     "BatchingEmbedder",
     "Clock",
+    "Confidence",
     "Embedder",
     "ExtensionNotFoundError",
     "HashEmbedder",
     "InteractionRecord",
+    "Link",
+    "MaintenanceReport",
     "Memory",
+    "MemoryEntry",
+    "MemorySource",
     "MemoryStore",
+    "MemoryType",
     "MigrationError",
     "MiniLMEmbedder",
     "ReadOnlyStoreError",
+    "RememberResult",
+    "RetrievalWeights",
+    "ScoreParts",
     "StoreClosedError",
     "SystemClock",
+    "Tier",
+    "TierPolicy",
+    "TruthCategory",
     "connect",
     "content_hash",
+    "entry_from_dict",
+    "entry_to_dict",
     "load_extensions",
+    "parse_relation",
 ]

@@ -16,9 +16,19 @@ from pathlib import Path
 
 import duckdb
 
-__all__ = ["ExtensionNotFoundError", "connect", "extension_path", "load_extensions"]
+__all__ = [
+    "ATTACHED_NAME",
+    "ExtensionNotFoundError",
+    "connect",
+    "extension_path",
+    "load_extensions",
+]
 
 DEFAULT_EXTENSIONS = ("vss", "fts")
+# Writing an encrypted database needs OpenSSL, which DuckDB takes from httpfs; without it
+# DuckDB only reads encrypted files. memlane never uses httpfs for anything else.
+CRYPTO_EXTENSION = "httpfs"
+ATTACHED_NAME = "memlane"  # an encrypted file is attached under this name
 
 # Never fetch or silently load extensions: every one we use is loaded explicitly.
 CONNECTION_CONFIG = {
@@ -65,11 +75,29 @@ def connect(
     *,
     read_only: bool = False,
     extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+    encryption_key: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Open a connection with autoinstall/autoload off and `extensions` loaded."""
-    conn = duckdb.connect(str(database), read_only=read_only, config=CONNECTION_CONFIG)
+    """Open a connection with autoinstall/autoload off and `extensions` loaded.
+
+    With `encryption_key` the file is encrypted (DuckDB's AES-GCM): it is attached to an
+    in-memory database as `ATTACHED_NAME` and made the default; every cursor made from the
+    connection must `USE` it again. A wrong key fails here, naming the problem.
+    """
+    if encryption_key is None:
+        conn = duckdb.connect(str(database), read_only=read_only, config=CONNECTION_CONFIG)
+    else:
+        if not encryption_key:
+            raise ValueError("the encryption key is empty")
+        conn = duckdb.connect(":memory:", config=CONNECTION_CONFIG)
     try:
         load_extensions(conn, extensions)
+        if encryption_key is not None:
+            load_extensions(conn, [CRYPTO_EXTENSION])
+            path = str(database).replace("'", "''")
+            key = encryption_key.replace("'", "''")
+            mode = ", READ_ONLY" if read_only else ""
+            conn.execute(f"ATTACH '{path}' AS {ATTACHED_NAME} (ENCRYPTION_KEY '{key}'{mode})")
+            conn.execute(f"USE {ATTACHED_NAME}")
     except BaseException:
         conn.close()
         raise

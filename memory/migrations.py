@@ -3,8 +3,9 @@
 Each migration is a function `mNNN_<name>(conn)` listed in `MIGRATIONS`. A migration
 is never edited once released: schema changes are new migrations appended to the
 list. Each one runs in its own transaction together with its `schema_migrations` row.
-The HNSW index needs the vss extension loaded and
-`hnsw_enable_experimental_persistence` on (see `memory.store`).
+Indexes that are derived data (the HNSW vector index, the full-text index) are not made
+here: the store creates and rebuilds them (see `memory.store`), since an encrypted database
+cannot hold the HNSW index and both must be rebuilt at times anyway.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from datetime import datetime
 import duckdb
 
 __all__ = [
-    "CREATE_HNSW_INDEX_SQL",
-    "HNSW_INDEX",
     "MIGRATIONS",
     "Migration",
     "MigrationError",
-    "apply_migrations",
     "applied_versions",
+    "apply_migrations",
     "check_schema_current",
 ]
 
@@ -36,14 +35,6 @@ class Migration:
     version: int
     name: str
     apply: Callable[[duckdb.DuckDBPyConnection], None]
-
-
-# The store drops and rebuilds this index (see `MemoryStore.forget`), so the statement
-# lives here once. A later change to the index is a new migration, not an edit.
-HNSW_INDEX = "memories_embedding_hnsw"
-CREATE_HNSW_INDEX_SQL = (
-    f"CREATE INDEX {HNSW_INDEX} ON memories USING HNSW (embedding) WITH (metric = 'cosine')"
-)
 
 
 def m001_initial(conn: duckdb.DuckDBPyConnection) -> None:
@@ -68,7 +59,6 @@ def m001_initial(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute(
         "CREATE UNIQUE INDEX memories_user_content_hash ON memories (user_id, content_hash)"
     )
-    conn.execute(CREATE_HNSW_INDEX_SQL)
     conn.execute(
         """
         CREATE TABLE interactions (
@@ -91,7 +81,123 @@ def m001_initial(conn: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "m001_initial", m001_initial),)
+def m002_pms(conn: duckdb.DuckDBPyConnection) -> None:
+    """The full MemoryEntry: tiers, truth and type, confidence parts, relations, bi-temporal
+    validity, access statistics; vectors, links and provenance in their own tables.
+
+    Vectors move to `memory_vectors`, which is only ever inserted into and deleted from:
+    the vss HNSW index hangs on repeated UPDATEs (see `memory.store`), and `memories` is now
+    updated on every access. m001's memories become LONG_TERM facts (they were already served).
+    """
+    conn.execute("DROP INDEX IF EXISTS memories_embedding_hnsw")  # made by m001 before 0.2
+    conn.execute(
+        """
+        CREATE TABLE memory_entries (
+            id                  VARCHAR PRIMARY KEY,
+            user_id             VARCHAR NOT NULL,
+            content             VARCHAR NOT NULL,
+            summary             VARCHAR,
+            content_hash        VARCHAR NOT NULL,
+            tier                VARCHAR NOT NULL,   -- SHORT_TERM | LONG_TERM | PERSISTENT
+            truth_category      VARCHAR NOT NULL,   -- ABSOLUTE | CONTEXTUAL | OPINION | INFERRED
+            memory_type         VARCHAR NOT NULL,   -- FACT | BELIEF | PREFERENCE | SKILL | EVENT | CONTEXT
+            confidence          DOUBLE NOT NULL,    -- overall, 0-1
+            source_reliability  DOUBLE NOT NULL,
+            recency             DOUBLE NOT NULL,    -- decay factor, refreshed by the decay pass
+            corroboration_count INTEGER NOT NULL,
+            contradiction_count INTEGER NOT NULL,
+            importance          DOUBLE NOT NULL,
+            tags                VARCHAR[] NOT NULL,
+            domains             VARCHAR[] NOT NULL,
+            entities            VARCHAR[] NOT NULL,
+            subject             VARCHAR,            -- "user", "user.dog"
+            relation            VARCHAR,            -- "residence", "name": single-valued relations
+            value               VARCHAR,
+            validated           BOOLEAN NOT NULL,   -- confirmed by the user
+            valid_from          TIMESTAMP NOT NULL, -- naive UTC, as every timestamp here
+            valid_to            TIMESTAMP,          -- set when superseded: history, not current
+            recorded_at         TIMESTAMP NOT NULL,
+            superseded_by       VARCHAR,
+            supersedes          VARCHAR,
+            identity_since      TIMESTAMP,          -- when the 'identity' tag was first set
+            expires_at          TIMESTAMP,          -- short-term TTL
+            created_at          TIMESTAMP NOT NULL,
+            updated_at          TIMESTAMP NOT NULL,
+            last_accessed       TIMESTAMP,
+            access_count        INTEGER NOT NULL
+        )
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO memory_entries
+        SELECT id, user_id, content, NULL, content_hash, 'LONG_TERM', 'CONTEXTUAL', 'FACT',
+               0.6, 0.6, 1.0, 0, 0, 0.5, [], [], [], NULL, NULL, NULL, false,
+               created_at, NULL, created_at, NULL, NULL, NULL, NULL, created_at, updated_at,
+               NULL, 0
+        FROM memories
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE memory_vectors (
+            id        VARCHAR PRIMARY KEY,
+            user_id   VARCHAR NOT NULL,
+            embedding FLOAT[384] NOT NULL       -- all-MiniLM-L6-v2, L2-normalised
+        )
+        """
+    )
+    conn.execute("INSERT INTO memory_vectors SELECT id, user_id, embedding FROM memories")
+    conn.execute(
+        """
+        CREATE TABLE memory_sources (
+            memory_id       VARCHAR NOT NULL,
+            user_id         VARCHAR NOT NULL,
+            kind            VARCHAR NOT NULL,   -- interaction | api | cli | import | consolidation
+            ref             VARCHAR,            -- request id, file name
+            extractor       VARCHAR,            -- rules, llm:<model>
+            conversation_id VARCHAR,
+            recorded_at     TIMESTAMP NOT NULL
+        )
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO memory_sources
+        SELECT id, user_id,
+               CASE WHEN source LIKE 'extractor:%' THEN 'interaction' ELSE source END,
+               source_ref,
+               CASE WHEN source LIKE 'extractor:%' THEN substr(source, 11) END,
+               NULL, created_at
+        FROM memories
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE memory_links (
+            user_id    VARCHAR NOT NULL,
+            src_id     VARCHAR NOT NULL,
+            dst_id     VARCHAR NOT NULL,
+            kind       VARCHAR NOT NULL,        -- related | supports | contradicts | supersedes | derived_from
+            weight     DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        )
+        """
+    )
+    conn.execute("DROP TABLE memories")
+    conn.execute("ALTER TABLE memory_entries RENAME TO memories")
+    conn.execute("CREATE INDEX memories_user ON memories (user_id)")
+    conn.execute("CREATE INDEX memory_vectors_user ON memory_vectors (user_id)")
+    conn.execute("CREATE INDEX memory_sources_memory ON memory_sources (memory_id)")
+    conn.execute("CREATE INDEX memory_links_src ON memory_links (src_id)")
+    conn.execute("CREATE INDEX memory_links_dst ON memory_links (dst_id)")
+    conn.execute("ALTER TABLE interactions ADD COLUMN conversation_id VARCHAR")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "m001_initial", m001_initial),
+    Migration(2, "m002_pms", m002_pms),
+)
 
 
 def _ensure_migrations_table(conn: duckdb.DuckDBPyConnection) -> None:

@@ -1,116 +1,147 @@
-"""The DuckDB memory store: memories with HNSW vector search, and the teacher log.
+"""The DuckDB memory store: memory entries, their vectors, links and sources, and the teacher log.
 
-Threads: one DuckDB connection per store and one cursor per thread (cursors are
-separate connections to the same database instance, so they share the loaded
-extensions and see each other's committed writes). Writes are serialised by one
-lock, matching DuckDB's single-writer model. HNSW index scans take the same lock:
-with DuckDB 1.5.5's vss, an index scan running while another thread inserts into
-the index crashes the process (SIGSEGV in usearch's search, measured: 4 searching
-threads and 1 writer crashed every run; a reader/writer lock that let index scans
-overlap each other still crashed 1 run in 10). Exact scans and plain reads do not
-touch the index and run concurrently.
+Tables (see `memory.migrations`): `memories` holds each MemoryEntry's fields and is updated in
+place (access statistics, tiers, counts); `memory_vectors` holds the embeddings under an HNSW
+index and is only inserted into and deleted from; `memory_links` and `memory_sources` hold the
+relations and the provenance; `interactions` is the teacher log (`memory.interactions`).
 
-Deletes: vss keeps a tombstone in the index for every deleted row, and once they
-fill its lookup table a DELETE spins forever (measured, insert+delete cycles: with
-50 rows the hang came between the 70th and 80th delete, with 1,000 rows between
-the 1,000th and 1,250th, with an empty table before the 200th; an UPDATE deletes
-too, so rows are never updated; PRAGMA hnsw_compact_index corrupted the heap).
-Reloading or rebuilding the index clears them, so `forget` rebuilds it after
-max(16, rows // 4) deletes since it was last loaded or built.
+Rules live beside the store, as functions over it: writing with dedup and supersession in
+`memory.remember`, ranking in `memory.retrieve`, tiers, decay and expiry in `memory.tiers`,
+export, import and wiping in `memory.ownership`. The store's methods named after user actions
+(`add`, `search`, `forget`, ...) call them.
 
-Per-user search: DuckDB applies `WHERE user_id = ?` *after* the HNSW top-k, so a
-filtered index scan can return fewer rows than asked, or none. `search` over-fetches
-from the index and, when that yields fewer than k rows of the user, falls back to an
-exact scan of that user's rows written so the planner cannot use the index.
+Threads: one DuckDB connection per store and one cursor per thread (cursors share the database
+instance, its extensions and committed writes). `_write_lock` serialises writes (DuckDB has one
+writer). `_index_lock` is also held by every HNSW scan and every write to `memory_vectors`: with
+DuckDB 1.5.5's vss an index scan running while another thread inserts into the index crashes the
+process (SIGSEGV in usearch, measured: 4 searching threads and 1 writer crashed every run).
+
+vss traps this layout works around (measured on 1.5.5): every deleted row leaves a tombstone in
+the index and once they fill its lookup table a DELETE spins forever (between the 70th and the
+1,250th delete, depending on size), so the index is rebuilt after max(16, rows // 4) deletes; an
+UPDATE is a delete too, hence vectors are never updated; a `WHERE user_id = ?` is applied after
+the HNSW top-k, so per-user search over-fetches and falls back to an exact scan of the user's
+rows. An encrypted database cannot hold an HNSW index at all (vss asserts on the encrypted
+block size), so there vector search is always the exact scan.
+
+The full-text (BM25) index of DuckDB's fts extension is a snapshot: rows written after it was
+built are invisible to it. Writes mark it stale; `refresh_text_index` rebuilds it (the learner's
+maintenance does, and a search finding it stale starts a rebuild in the background). Vector
+search finds new rows meanwhile.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import concurrent.futures
+import math
 import threading
-import unicodedata
 import uuid
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from hashlib import sha256
 from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import structlog
 
+from memory import remember as _remember
+from memory import retrieve as _retrieve
+from memory import tiers as _tiers
 from memory.embed import Embedder
-from memory.extensions import connect
-from memory.migrations import (
-    CREATE_HNSW_INDEX_SQL,
-    HNSW_INDEX,
-    apply_migrations,
-    check_schema_current,
+from memory.entry import (
+    Confidence,
+    MemoryEntry,
+    MemorySource,
+    MemoryType,
+    Tier,
+    TruthCategory,
 )
+from memory.extensions import ATTACHED_NAME, connect
+from memory.interactions import InteractionLog
+from memory.migrations import apply_migrations, check_schema_current
 
 __all__ = [
+    "EMBEDDING_DIM",
     "Clock",
-    "InteractionRecord",
-    "Memory",
+    "Link",
     "MemoryStore",
     "ReadOnlyStoreError",
     "StoreClosedError",
     "SystemClock",
-    "content_hash",
 ]
 
+log = structlog.get_logger("memlane.store")
+
 EMBEDDING_DIM = 384
-# Deletes allowed between HNSW rebuilds: max(this, rows // 4), well below the
-# counts at which vss was seen to hang (module docstring).
-MIN_DELETES_BETWEEN_REBUILDS = 16
-
-_MEMORY_COLUMNS = "id, user_id, content, source, source_ref, created_at, updated_at"
-
-# The only form the vss planner turns into HNSW_INDEX_SCAN: ORDER BY the metric's
-# distance function, LIMIT. The WHERE is applied to the index's top rows.
-HNSW_SEARCH_SQL = f"""
-    SELECT {_MEMORY_COLUMNS}, 1 - distance AS score
-    FROM (
-        SELECT {_MEMORY_COLUMNS}, array_cosine_distance(embedding, ?::FLOAT[384]) AS distance
-        FROM memories
-        WHERE user_id = ?
-        ORDER BY distance
-        LIMIT ?
-    )
-    ORDER BY distance, id
-"""
-
-# Ordering by similarity DESC is not rewritten into an index scan: an exact scan.
-EXACT_SEARCH_SQL = f"""
-    SELECT {_MEMORY_COLUMNS}, array_cosine_similarity(embedding, ?::FLOAT[384]) AS score
-    FROM memories
-    WHERE user_id = ?
-    ORDER BY score DESC, id
-    LIMIT ?
-"""
-
-_SMALL_BATCH = 4  # rows; above this an interactions batch goes in as an Arrow table
-_INTERACTION_COLUMNS = (
-    "request_id",
-    "user_id",
-    "created_at",
-    "model",
-    "provider",
-    "stream",
-    "status_code",
-    "error",
-    "request_received",
-    "request_sent",
-    "response",
-    "usage",
-    "latency_ms",
-    "ttft_ms",
+MIN_DELETES_BETWEEN_REBUILDS = 16  # deletes allowed between HNSW rebuilds: max(this, rows // 4)
+EXACT_SCAN_MAX_ROWS = 4096  # a user with at most this many vectors is searched exactly
+MAX_OVERFETCH_ROWS = 4000  # the most rows one HNSW scan asks for before the user filter
+HNSW_INDEX = "memory_vectors_hnsw"
+_CREATE_HNSW = (
+    f"CREATE INDEX {HNSW_INDEX} ON memory_vectors USING HNSW (embedding) WITH (metric = 'cosine')"
 )
-_JSON_COLUMNS = frozenset({"request_received", "request_sent", "response", "usage"})
+
+_ENTRY_COLUMNS = (
+    "id, user_id, content, summary, content_hash, tier, truth_category, memory_type, "
+    "confidence, source_reliability, recency, corroboration_count, contradiction_count, "
+    "importance, tags, domains, entities, subject, relation, value, validated, valid_from, "
+    "valid_to, recorded_at, superseded_by, supersedes, identity_since, expires_at, "
+    "created_at, updated_at, last_accessed, access_count"
+)
+# Columns `update_entry` may set; everything else is fixed at insert.
+_UPDATABLE = frozenset(
+    {
+        "content", "summary", "content_hash", "tier", "truth_category", "memory_type",
+        "confidence", "source_reliability", "recency", "corroboration_count",
+        "contradiction_count", "importance", "tags", "domains", "entities", "subject",
+        "relation", "value", "validated", "valid_from", "valid_to", "superseded_by",
+        "supersedes", "identity_since", "expires_at", "updated_at", "last_accessed",
+        "access_count",
+    }
+)
+
+# The only form the vss planner turns into HNSW_INDEX_SCAN: ORDER BY the metric's distance
+# function, LIMIT. The WHERE is applied to the index's top rows.
+_HNSW_SQL = """
+    SELECT id, 1 - distance FROM (
+        SELECT id, array_cosine_distance(embedding, ?::FLOAT[384]) AS distance
+        FROM memory_vectors WHERE user_id = ? ORDER BY distance LIMIT ?
+    )
+"""
+# Ordering by similarity DESC is never rewritten into an index scan: an exact scan.
+_EXACT_SQL = """
+    SELECT id, array_cosine_similarity(embedding, ?::FLOAT[384]) AS score
+    FROM memory_vectors WHERE user_id = ? ORDER BY score DESC, id LIMIT ?
+"""
+# BM25 over the fts extension's tables, reading only the postings of the query's terms (the
+# extension's match_bm25 macro scores every row: ~40-70 ms at 100k rows against a few ms).
+# Query terms go through the index's own tokenizer settings: lower case, accents stripped,
+# non-letters split, English stop words dropped, Porter stems. k1 = 1.2, b = 0.75.
+_BM25_SQL = """
+    WITH q AS (
+        SELECT DISTINCT stem(w, 'porter') AS term
+        FROM (SELECT unnest(string_split_regex(lower(strip_accents(?)), '[^a-z]+')) AS w)
+        WHERE w <> '' AND w NOT IN (SELECT sw FROM fts_main_memories.stopwords)
+    ),
+    qt AS (SELECT d.termid, d.df FROM fts_main_memories.dict AS d JOIN q USING (term)),
+    tf AS (
+        SELECT t.docid, t.termid, count(*) AS tf
+        FROM fts_main_memories.terms AS t JOIN qt USING (termid) GROUP BY ALL
+    ),
+    st AS (SELECT num_docs, avgdl FROM fts_main_memories.stats)
+    SELECT m.id, sum(
+        ln(1 + (st.num_docs - qt.df + 0.5) / (qt.df + 0.5))
+        * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * docs.len / st.avgdl))
+    ) AS score
+    FROM tf JOIN qt USING (termid) JOIN fts_main_memories.docs AS docs USING (docid)
+    CROSS JOIN st JOIN memories AS m ON m.id = docs.name
+    WHERE m.user_id = ?
+    GROUP BY m.id ORDER BY score DESC, m.id LIMIT ?
+"""
 
 
 class StoreClosedError(RuntimeError):
@@ -133,54 +164,15 @@ class SystemClock:
 
 
 @dataclass(frozen=True, slots=True)
-class Memory:
-    id: str
-    user_id: str
-    content: str
-    source: str
-    source_ref: str | None
-    created_at: datetime
-    updated_at: datetime
-    score: float | None = None  # cosine similarity when returned by search
+class Link:
+    src_id: str
+    dst_id: str
+    kind: str  # related | supports | contradicts | supersedes | derived_from
+    weight: float = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class InteractionRecord:
-    request_id: str
-    user_id: str
-    created_at: datetime
-    model: str
-    provider: str
-    stream: bool
-    status_code: int
-    error: str | None
-    request_received: dict
-    request_sent: dict | None
-    response: dict | None
-    usage: dict | None
-    latency_ms: float
-    ttft_ms: float | None
-
-
-_SPACE = re.compile(r"\s+")
-
-
-def content_hash(content: str) -> str:
-    """sha256 of content lower-cased, whitespace collapsed, trailing punctuation cut."""
-    text = _SPACE.sub(" ", content.lower()).strip()
-    end = len(text)
-    while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1])[0] == "P"):
-        end -= 1
-    return sha256(text[:end].encode()).hexdigest()
-
-
-def _memory(row: tuple[Any, ...]) -> Memory:
-    return Memory(*row)
-
-
-def _vector_param(embedding: np.ndarray) -> list[float]:
-    """A query or stored vector as a Python list: DuckDB converts lists ~3x faster
-    than numpy arrays."""
+def vector_param(embedding: np.ndarray) -> list[float]:
+    """A vector as a Python list (DuckDB converts lists ~3x faster than numpy arrays)."""
     vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
     if vector.shape != (EMBEDDING_DIM,):
         raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.size}")
@@ -189,11 +181,30 @@ def _vector_param(embedding: np.ndarray) -> list[float]:
     return vector.tolist()
 
 
-def _json_param(value: dict | None) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+def _entry(row: Sequence[Any]) -> MemoryEntry:
+    (id_, user_id, content, summary, digest, tier, truth, mtype, overall, reliability, recency,
+     corroborations, contradictions, importance, tags, domains, entities, subject, relation,
+     value, validated, valid_from, valid_to, recorded_at, superseded_by, supersedes,
+     identity_since, expires_at, created_at, updated_at, last_accessed, access_count) = row
+    del identity_since  # kept in the table for the promotion rule
+    return MemoryEntry(
+        id=id_, user_id=user_id, content=content, summary=summary, content_hash=digest,
+        tier=Tier(tier), truth_category=TruthCategory(truth), memory_type=MemoryType(mtype),
+        confidence=Confidence(overall, reliability, recency, corroborations, contradictions),
+        importance=importance, tags=tuple(tags), domains=tuple(domains),
+        entities=tuple(entities), subject=subject, relation=relation, value=value,
+        validated=validated, valid_from=valid_from, valid_to=valid_to, recorded_at=recorded_at,
+        superseded_by=superseded_by, supersedes=supersedes, expires_at=expires_at,
+        created_at=created_at, updated_at=updated_at, last_accessed=last_accessed,
+        access_count=access_count,
+    )
 
 
-class MemoryStore:
+def new_memory_id() -> str:
+    return uuid.uuid4().hex
+
+
+class MemoryStore(InteractionLog):
     """Build with `MemoryStore.open(...)`."""
 
     def __init__(
@@ -203,21 +214,32 @@ class MemoryStore:
         embedder: Embedder,
         clock: Clock,
         read_only: bool,
+        encrypted: bool,
         overfetch: int,
+        tier_policy: _tiers.TierPolicy,
+        weights: _retrieve.RetrievalWeights,
         deletes_since_index_load: int = 0,
     ) -> None:
         self._conn = conn
-        self._embedder = embedder
-        self._clock = clock
+        self.embedder = embedder
+        self.clock = clock
+        self.tier_policy = tier_policy
+        self.weights = weights
         self._read_only = read_only
+        self.encrypted = encrypted
         self._overfetch = overfetch
         self._local = threading.local()
         self._cursors: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
         self._cursors_lock = threading.Lock()
-        # Held by every write and every HNSW index scan (see the module docstring).
-        self._index_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._index_lock = threading.Lock()  # HNSW scans and memory_vectors writes
         self._closed = False
         self._deletes_since_index_load = deletes_since_index_load
+        self._user_rows: dict[str, int] = {}
+        self._text_index_stale = True
+        self._background = concurrent.futures.ThreadPoolExecutor(1, "memlane-store")
+        self._refreshing = False
+        self.wipe_hooks: list[Callable[[str], None]] = []  # called with the user id on wipe
 
     @classmethod
     def open(
@@ -228,12 +250,17 @@ class MemoryStore:
         clock: Clock | None = None,
         read_only: bool = False,
         overfetch: int = 10,
+        encryption_key: str | None = None,
+        tier_policy: _tiers.TierPolicy | None = None,
+        weights: _retrieve.RetrievalWeights | None = None,
     ) -> MemoryStore:
         """Open (creating if needed) the store at `path`, or ":memory:".
 
-        Loads the vss/fts extensions and applies pending migrations; a read-only
-        store refuses a database whose migrations are not all applied.
-        `overfetch`: the HNSW scan fetches k * overfetch rows before the user filter.
+        Loads the extensions, applies pending migrations (a read-only store refuses a database
+        whose migrations are not all applied) and makes the derived indexes if missing.
+        `encryption_key` encrypts the file (AES-GCM through DuckDB); the same key is needed
+        to open it again. `overfetch`: an HNSW scan fetches k * overfetch rows before the
+        user filter.
         """
         if embedder.dim != EMBEDDING_DIM:
             raise ValueError(f"embedder.dim is {embedder.dim}; the store needs {EMBEDDING_DIM}")
@@ -243,10 +270,8 @@ class MemoryStore:
         # Replaying a WAL left by a crash re-applies its deletes to the loaded index,
         # so their tombstones are unknown: treat the delete budget as spent.
         unclean = str(path) != ":memory:" and Path(f"{path}.wal").exists()
-        conn = connect(path, read_only=read_only)
+        conn = connect(path, read_only=read_only, encryption_key=encryption_key)
         try:
-            # Without it DuckDB refuses HNSW indexes in a database file. GLOBAL so
-            # every cursor has it.
             conn.execute("SET GLOBAL hnsw_enable_experimental_persistence = true")
             if read_only:
                 check_schema_current(conn)
@@ -255,16 +280,26 @@ class MemoryStore:
         except BaseException:
             conn.close()
             raise
-        return cls(
+        store = cls(
             conn,
             embedder=embedder,
             clock=clock,
             read_only=read_only,
+            encrypted=encryption_key is not None,
             overfetch=overfetch,
+            tier_policy=tier_policy or _tiers.TierPolicy(),
+            weights=weights or _retrieve.RetrievalWeights(),
             deletes_since_index_load=10**9 if unclean else 0,
         )
+        if not read_only:
+            try:
+                store._ensure_indexes()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
-    # -- connections -----------------------------------------------------------
+    # -- connections -------------------------------------------------------------------
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor."""
@@ -276,25 +311,29 @@ class MemoryStore:
                 if self._closed:
                     raise StoreClosedError("memory store is closed")
                 cursor = self._conn.cursor()
+                if self.encrypted:  # the file is attached to an in-memory database
+                    cursor.execute(f"USE {ATTACHED_NAME}")
                 self._cursors.add(cursor)
             self._local.cursor = cursor
         return cursor
 
-    def _check_writable(self) -> None:
+    def _writable_cursor(self) -> duckdb.DuckDBPyConnection:
         if self._read_only:
             raise ReadOnlyStoreError("memory store was opened read-only")
-
-    def _writable_cursor(self) -> duckdb.DuckDBPyConnection:
-        self._check_writable()
         return self._cursor()
+
+    def check_writable(self) -> None:
+        if self._read_only:
+            raise ReadOnlyStoreError("memory store was opened read-only")
 
     def ping(self) -> None:
         """Raise if the database cannot answer a query."""
         self._cursor().execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        """Close every cursor and the connection (checkpointing the file). Idempotent."""
-        with self._index_lock, self._cursors_lock:
+        """Finish background work, close every cursor and the connection. Idempotent."""
+        self._background.shutdown(wait=True)
+        with self._write_lock, self._index_lock, self._cursors_lock:
             if self._closed:
                 return
             self._closed = True
@@ -308,274 +347,590 @@ class MemoryStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- memories: writes ------------------------------------------------------
+    @property
+    def has_vector_index(self) -> bool:
+        return not self.encrypted
 
-    def add(
-        self,
-        user_id: str,
-        content: str,
-        *,
-        source: str,
-        source_ref: str | None = None,
-        embedding: np.ndarray | None = None,
-    ) -> tuple[Memory, bool]:
-        """Store a memory; returns (memory, created).
+    # -- derived indexes ---------------------------------------------------------------
 
-        The same normalised content for the same user is not stored twice: the
-        existing memory is returned unchanged with created=False.
-        `embedding` defaults to the store's embedder applied to `content`.
-        """
-        content = content.strip()
-        if not content:
-            raise ValueError("memory content is empty")
-        self._check_writable()
-        digest = content_hash(content)
-        # Embed outside the write lock (the model is slow), unless it is a duplicate.
-        if embedding is None and not self._exists(user_id, digest):
-            embedding = self._embedder.embed([content])[0]
-        with self._index_lock:
-            cursor = self._writable_cursor()
-            now = self._clock.now()
-            # A duplicate is returned as it is, not touched: with DuckDB 1.5.5's vss, repeated
-            # UPDATEs of one row in a table with an HNSW index hang after about 190 of them
-            # (measured). Rows of `memories` are written once and deleted, never updated.
-            existing = cursor.execute(
-                f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE user_id = ? AND content_hash = ?",
-                [user_id, digest],
-            ).fetchone()
-            if existing is not None:
-                return _memory(existing), False
-            if embedding is None:  # the duplicate we saw was forgotten meanwhile
-                embedding = self._embedder.embed([content])[0]
-            row = cursor.execute(
-                f"INSERT INTO memories (id, user_id, content, content_hash, embedding, source, "
-                f"source_ref, created_at, updated_at) VALUES (?, ?, ?, ?, ?::FLOAT[384], ?, ?, ?, ?) "
-                f"RETURNING {_MEMORY_COLUMNS}",
-                [
-                    uuid.uuid4().hex,
-                    user_id,
-                    content,
-                    digest,
-                    _vector_param(embedding),
-                    source,
-                    source_ref,
-                    now,
-                    now,
-                ],
-            ).fetchone()
-        assert row is not None
-        return _memory(row), True
+    def _ensure_indexes(self) -> None:
+        cursor = self._writable_cursor()
+        if self.has_vector_index:
+            (exists,) = cursor.execute(
+                "SELECT count(*) FROM duckdb_indexes() WHERE index_name = ?", [HNSW_INDEX]
+            ).fetchone()  # type: ignore[misc]
+            if not exists:
+                with self._write_lock, self._index_lock:
+                    cursor.execute(_CREATE_HNSW)
+        (has_fts,) = cursor.execute(
+            "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = 'fts_main_memories' "
+            "AND database_name = current_database()"
+        ).fetchone()  # type: ignore[misc]
+        if not has_fts or self._text_index_out_of_date(cursor):
+            self.refresh_text_index()
+        else:
+            self._text_index_stale = False
 
-    def _exists(self, user_id: str, digest: str) -> bool:
-        row = self._cursor().execute(
-            "SELECT 1 FROM memories WHERE user_id = ? AND content_hash = ?", [user_id, digest]
-        ).fetchone()
-        return row is not None
+    def _text_index_out_of_date(self, cursor: duckdb.DuckDBPyConnection) -> bool:
+        (missing,) = cursor.execute(
+            "SELECT (SELECT count(*) FROM memories) <> (SELECT count(*) FROM fts_main_memories.docs)"
+        ).fetchone()  # type: ignore[misc]
+        return bool(missing)
 
-    def bulk_add(
-        self, user_id: str, contents: Sequence[str], embeddings: np.ndarray, *, source: str
-    ) -> int:
-        """Insert many memories at once through Arrow; returns how many were new.
-
-        Contents duplicating each other or the user's stored memories are skipped.
-        For imports and benchmarks: no embedder call, no updated_at touch.
-        """
-        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, 384)
-        if vectors.shape != (len(contents), EMBEDDING_DIM):
-            raise ValueError(
-                f"embeddings shape {vectors.shape} does not match "
-                f"({len(contents)}, {EMBEDDING_DIM})"
+    def refresh_text_index(self) -> None:
+        """Rebuild the BM25 index over every memory's content (~0.6 s per 100k memories)."""
+        with self._write_lock:
+            self._text_index_stale = False
+            self._writable_cursor().execute(
+                "PRAGMA create_fts_index('memories', 'id', 'content', overwrite = 1)"
             )
-        keep: dict[str, int] = {}
-        for i, content in enumerate(contents):
-            if content.strip():
-                keep.setdefault(content_hash(content), i)
-        if not keep:
-            return 0
-        rows = list(keep.values())
-        now = self._clock.now()
-        batch = pa.table(
-            {
-                "id": [uuid.uuid4().hex for _ in rows],
-                "content": [contents[i].strip() for i in rows],
-                "content_hash": list(keep),
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors[rows].reshape(-1)), EMBEDDING_DIM
-                ),
-            }
-        )
-        view = f"bulk_add_{uuid.uuid4().hex}"
-        with self._index_lock:
-            cursor = self._writable_cursor()
-            cursor.register(view, batch)
+
+    def _refresh_text_index_soon(self) -> None:
+        if not self._text_index_stale or self._refreshing or self._read_only or self._closed:
+            return
+        self._refreshing = True
+
+        def run() -> None:
             try:
-                (inserted,) = cursor.execute(
-                    f"""
-                    INSERT INTO memories (id, user_id, content, content_hash, embedding,
-                                          source, source_ref, created_at, updated_at)
-                    SELECT b.id, $user_id, b.content, b.content_hash, b.embedding,
-                           $source, NULL, $now, $now
-                    FROM {view} AS b
-                    WHERE NOT EXISTS (
-                        SELECT 1 FROM memories AS m
-                        WHERE m.user_id = $user_id AND m.content_hash = b.content_hash
-                    )
-                    """,
-                    {"user_id": user_id, "source": source, "now": now},
-                ).fetchone()
+                self.refresh_text_index()
+            except Exception as exc:  # the next search retries
+                self._text_index_stale = True
+                log.warning("text_index_refresh_failed", error=repr(exc))
             finally:
-                cursor.unregister(view)
-        return int(inserted)
+                self._refreshing = False
 
-    def forget(self, user_id: str, memory_id: str) -> bool:
-        """Delete a memory for good; only if it belongs to `user_id`.
+        try:
+            self._background.submit(run)
+        except RuntimeError:  # shutting down
+            self._refreshing = False
 
-        Every so often this also rebuilds the HNSW index (module docstring), which
-        takes a few seconds per 10,000 memories.
-        """
-        with self._index_lock:
-            cursor = self._writable_cursor()
-            deleted = cursor.execute(
-                "DELETE FROM memories WHERE id = ? AND user_id = ? RETURNING id",
-                [memory_id, user_id],
-            ).fetchall()
-            if deleted:
-                self._deletes_since_index_load += 1
-                self._rebuild_index_if_due(cursor)
-        return bool(deleted)
-
-    def _rebuild_index_if_due(self, cursor: duckdb.DuckDBPyConnection) -> None:
+    def _rebuild_vector_index_if_due(self, cursor: duckdb.DuckDBPyConnection) -> None:
         """Drop and rebuild the HNSW index when deletes may be near the vss hang."""
-        (rows,) = cursor.execute("SELECT count(*) FROM memories").fetchone()  # type: ignore[misc]
+        if not self.has_vector_index:
+            return
+        (rows,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
         if self._deletes_since_index_load < max(MIN_DELETES_BETWEEN_REBUILDS, rows // 4):
             return
         cursor.execute("BEGIN TRANSACTION")
         try:
             cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
-            cursor.execute(CREATE_HNSW_INDEX_SQL)
+            cursor.execute(_CREATE_HNSW)
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")
             raise
         self._deletes_since_index_load = 0
 
-    # -- memories: reads -------------------------------------------------------
+    # -- writes: primitives used by remember, tiers and ownership -----------------------
 
-    def search(
-        self, user_id: str, embedding: np.ndarray, *, k: int = 5, min_score: float = 0.0
-    ) -> list[Memory]:
-        """The user's k memories most similar to `embedding`, best first.
+    def insert_entry(
+        self,
+        entry: MemoryEntry,
+        embedding: np.ndarray,
+        sources: Iterable[MemorySource] = (),
+        links: Iterable[Link] = (),
+        *,
+        identity_since: datetime | None = None,
+    ) -> None:
+        """Insert one memory with its vector, sources and links, in one transaction."""
+        vector = vector_param(embedding)
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                cursor.execute(
+                    f"INSERT INTO memories ({_ENTRY_COLUMNS}) VALUES "
+                    f"({', '.join('?' for _ in range(32))})",
+                    _entry_params(entry, identity_since),
+                )
+                cursor.execute(
+                    "INSERT INTO memory_vectors VALUES (?, ?, ?::FLOAT[384])",
+                    [entry.id, entry.user_id, vector],
+                )
+                self._insert_sources(cursor, entry.user_id, entry.id, sources)
+                self._insert_links(cursor, entry.user_id, links)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            self._user_rows.pop(entry.user_id, None)
+            self._text_index_stale = True
 
-        `score` is the cosine similarity; memories below `min_score` are dropped.
-        """
-        if k <= 0:
-            return []
-        query = _vector_param(embedding)
-        cursor = self._cursor()
-        with self._index_lock:
-            rows = cursor.execute(
-                HNSW_SEARCH_SQL, [query, user_id, k * self._overfetch]
+    def insert_many(
+        self, entries: Sequence[MemoryEntry], embeddings: np.ndarray,
+        sources: Sequence[Sequence[MemorySource]] | None = None,
+    ) -> None:
+        """Insert many memories through Arrow (imports, benchmarks): no dedup, no rules."""
+        if not entries:
+            return
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if vectors.shape != (len(entries), EMBEDDING_DIM):
+            raise ValueError(f"embeddings shape {vectors.shape} does not match the entries")
+        names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
+        rows = [_entry_params(e, None) for e in entries]
+        table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
+        vec = pa.table({
+            "id": [e.id for e in entries],
+            "user_id": [e.user_id for e in entries],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), EMBEDDING_DIM),
+        })
+        view, vview = f"import_{uuid.uuid4().hex}", f"import_v_{uuid.uuid4().hex}"
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            cursor.register(view, table)
+            cursor.register(vview, vec)
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                cursor.execute(f"INSERT INTO memories ({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS} FROM {view}")
+                cursor.execute(f"INSERT INTO memory_vectors SELECT id, user_id, embedding FROM {vview}")
+                for entry, entry_sources in zip(entries, sources or [()] * len(entries), strict=True):
+                    self._insert_sources(cursor, entry.user_id, entry.id, entry_sources)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            finally:
+                cursor.unregister(view)
+                cursor.unregister(vview)
+            self._user_rows.clear()
+            self._text_index_stale = True
+
+    @staticmethod
+    def _insert_sources(
+        cursor: duckdb.DuckDBPyConnection, user_id: str, memory_id: str,
+        sources: Iterable[MemorySource],
+    ) -> None:
+        rows = [
+            [memory_id, user_id, s.kind, s.ref, s.extractor, s.conversation_id, s.recorded_at]
+            for s in sources
+        ]
+        if rows:
+            cursor.executemany("INSERT INTO memory_sources VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _insert_links(
+        self, cursor: duckdb.DuckDBPyConnection, user_id: str, links: Iterable[Link]
+    ) -> None:
+        now = self.clock.now()
+        rows = [[user_id, k.src_id, k.dst_id, k.kind, k.weight, now] for k in links]
+        if rows:
+            cursor.executemany("INSERT INTO memory_links VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def add_source(self, user_id: str, memory_id: str, source: MemorySource) -> None:
+        with self._write_lock:
+            self._insert_sources(self._writable_cursor(), user_id, memory_id, [source])
+
+    def add_links(self, user_id: str, links: Iterable[Link]) -> None:
+        with self._write_lock:
+            self._insert_links(self._writable_cursor(), user_id, links)
+
+    def update_entry(self, user_id: str, memory_id: str, **changes: Any) -> bool:
+        """Set columns of one of the user's memories; False if there is no such memory."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+        if not changes:
+            return self.get(user_id, memory_id) is not None
+        values = [v.value if isinstance(v, Tier | TruthCategory | MemoryType) else v
+                  for v in changes.values()]
+        values = [list(v) if isinstance(v, tuple) else v for v in values]
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        with self._write_lock:
+            rows = self._writable_cursor().execute(
+                f"UPDATE memories SET {assignments} WHERE id = ? AND user_id = ? RETURNING id",
+                [*values, memory_id, user_id],
             ).fetchall()
-        if len(rows) < k:
-            # The index's top rows held too few of this user's: scan them all.
-            rows = cursor.execute(EXACT_SEARCH_SQL, [query, user_id, k]).fetchall()
-        memories = (_memory(row) for row in rows[:k])
-        return [m for m in memories if m.score is not None and m.score >= min_score]
+            if "content" in changes:
+                self._text_index_stale = True
+        return bool(rows)
 
-    def search_text(
-        self, user_id: str, query: str, *, k: int = 5, min_score: float = 0.0
-    ) -> list[Memory]:
-        """`search` with the store's embedder applied to `query`."""
-        return self.search(user_id, self._embedder.embed([query])[0], k=k, min_score=min_score)
+    def replace_vector(self, user_id: str, memory_id: str, embedding: np.ndarray) -> None:
+        """New embedding for an edited memory: a delete and an insert, never an UPDATE."""
+        vector = vector_param(embedding)
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                cursor.execute("DELETE FROM memory_vectors WHERE id = ? AND user_id = ?", [memory_id, user_id])
+                cursor.execute("INSERT INTO memory_vectors VALUES (?, ?, ?::FLOAT[384])", [memory_id, user_id, vector])
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            self._deletes_since_index_load += 1
+            self._rebuild_vector_index_if_due(cursor)
 
-    def list(self, user_id: str, *, limit: int = 100, offset: int = 0) -> list[Memory]:
-        """The user's memories, newest first."""
-        rows = self._cursor().execute(
-            f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE user_id = ? "
-            f"ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-            [user_id, limit, offset],
+    def record_access(self, user_id: str, memory_ids: Sequence[str]) -> None:
+        """Count one retrieval of each memory (in the background: off the request path)."""
+        if not memory_ids or self._read_only:
+            return
+        now = self.clock.now()
+
+        def run() -> None:
+            try:
+                with self._write_lock:
+                    self._writable_cursor().execute(
+                        "UPDATE memories SET access_count = access_count + 1, last_accessed = ? "
+                        "WHERE user_id = ? AND list_contains(?, id)",
+                        [now, user_id, list(memory_ids)],
+                    )
+            except Exception as exc:
+                log.warning("record_access_failed", error=repr(exc))
+
+        try:
+            self._background.submit(run)
+        except RuntimeError:  # closing: access statistics are best effort
+            pass
+
+    def flush(self) -> None:
+        """Wait for background writes (access statistics, index refresh) submitted so far."""
+        self._background.submit(lambda: None).result()
+
+    def delete_entries(self, user_id: str, memory_ids: Sequence[str]) -> list[str]:
+        """Delete memories and every memory derived from them, from every table and index.
+
+        Returns the ids deleted. The text index is rebuilt at once so that no deleted
+        content stays searchable.
+        """
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            ids = self._with_derived(cursor, user_id, memory_ids)
+            if not ids:
+                return []
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                for table, column in (("memories", "id"), ("memory_vectors", "id"),
+                                      ("memory_sources", "memory_id")):
+                    cursor.execute(
+                        f"DELETE FROM {table} WHERE user_id = ? AND list_contains(?, {column})",
+                        [user_id, ids],
+                    )
+                cursor.execute(
+                    "DELETE FROM memory_links WHERE user_id = ? "
+                    "AND (list_contains(?, src_id) OR list_contains(?, dst_id))",
+                    [user_id, ids, ids],
+                )
+                cursor.execute(
+                    "UPDATE memories SET superseded_by = NULL WHERE user_id = ? "
+                    "AND list_contains(?, superseded_by)", [user_id, ids],
+                )
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            self._user_rows.pop(user_id, None)
+            self._deletes_since_index_load += len(ids)
+            self._rebuild_vector_index_if_due(cursor)
+        self.refresh_text_index()
+        return ids
+
+    @staticmethod
+    def _with_derived(
+        cursor: duckdb.DuckDBPyConnection, user_id: str, memory_ids: Sequence[str]
+    ) -> list[str]:
+        """The given ids that exist for the user, plus everything derived from them."""
+        rows = cursor.execute(
+            "SELECT id FROM memories WHERE user_id = ? AND list_contains(?, id)",
+            [user_id, list(memory_ids)],
         ).fetchall()
-        return [_memory(row) for row in rows]
+        found = [r[0] for r in rows]
+        seen, frontier = set(found), list(found)
+        while frontier:
+            rows = cursor.execute(
+                "SELECT DISTINCT src_id FROM memory_links WHERE user_id = ? "
+                "AND kind = 'derived_from' AND list_contains(?, dst_id)",
+                [user_id, frontier],
+            ).fetchall()
+            frontier = [r[0] for r in rows if r[0] not in seen]
+            seen.update(frontier)
+            found.extend(frontier)
+        return found
 
-    def get(self, user_id: str, memory_id: str) -> Memory | None:
+    def wipe_user(self, user_id: str) -> dict[str, int]:
+        """Remove all of a user's memories, vectors, links, sources and logged interactions;
+        then call every wipe hook (the personal model drops its adapters there)."""
+        counts: dict[str, int] = {}
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                for table in ("memories", "memory_vectors", "memory_sources", "memory_links",
+                              "interactions"):
+                    (n,) = cursor.execute(
+                        f"SELECT count(*) FROM {table} WHERE user_id = ?", [user_id]
+                    ).fetchone()  # type: ignore[misc]
+                    cursor.execute(f"DELETE FROM {table} WHERE user_id = ?", [user_id])
+                    counts[table] = int(n)
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            self._user_rows.pop(user_id, None)
+            self._deletes_since_index_load += counts["memory_vectors"]
+            self._rebuild_vector_index_if_due(cursor)
+        self.refresh_text_index()
+        for hook in self.wipe_hooks:
+            hook(user_id)
+        return counts
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, user_id: str, memory_id: str) -> MemoryEntry | None:
+        found = self.get_many(user_id, [memory_id])
+        return found[0] if found else None
+
+    def get_many(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryEntry]:
+        """The user's memories with these ids, with relations and sources, in the given order."""
+        if not memory_ids:
+            return []
+        rows = self._cursor().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND list_contains(?, id)",
+            [user_id, list(memory_ids)],
+        ).fetchall()
+        by_id = {row[0]: _entry(row) for row in rows}
+        ordered = [by_id[i] for i in dict.fromkeys(memory_ids) if i in by_id]
+        return self._with_relations(user_id, ordered)
+
+    def list(
+        self,
+        user_id: str,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        tier: Tier | None = None,
+        include_history: bool = False,
+    ) -> list[MemoryEntry]:
+        """The user's memories, newest first; current ones only unless `include_history`."""
+        where = ["user_id = ?"]
+        params: list[Any] = [user_id]
+        if tier is not None:
+            where.append("tier = ?")
+            params.append(tier.value)
+        if not include_history:
+            where.append("valid_to IS NULL")
+        rows = self._cursor().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        ).fetchall()
+        return self._with_relations(user_id, [_entry(row) for row in rows])
+
+    def entries_where(self, sql_filter: str, params: Sequence[Any] = ()) -> list[MemoryEntry]:
+        """Every memory matching a SQL condition on `memories` (for the maintenance passes)."""
+        rows = self._cursor().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE {sql_filter}", list(params)
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def identity_since(self, memory_id: str) -> datetime | None:
         row = self._cursor().execute(
-            f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE id = ? AND user_id = ?",
-            [memory_id, user_id],
+            "SELECT identity_since FROM memories WHERE id = ?", [memory_id]
         ).fetchone()
-        return None if row is None else _memory(row)
+        return None if row is None else row[0]
 
-    def count(self, user_id: str | None = None) -> int:
-        if user_id is None:
-            row = self._cursor().execute("SELECT count(*) FROM memories").fetchone()
-        else:
-            row = self._cursor().execute(
-                "SELECT count(*) FROM memories WHERE user_id = ?", [user_id]
-            ).fetchone()
+    def count(self, user_id: str | None = None, *, include_history: bool = True) -> int:
+        where, params = [], []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if not include_history:
+            where.append("valid_to IS NULL")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        row = self._cursor().execute(f"SELECT count(*) FROM memories {clause}", params).fetchone()
         assert row is not None
         return int(row[0])
 
-    # -- the teacher log -------------------------------------------------------
-
-    def log_interactions(self, records: Sequence[InteractionRecord]) -> None:
-        """Append interactions in one transaction.
-
-        Request ids are unique by construction (the proxy makes them); a duplicate is an error.
-        A handful of rows go in as parameters (~1 ms a row); a larger batch goes in as one
-        Arrow table (~6 ms for 64 rows). ``INSERT OR IGNORE`` cost 3-15 ms a row and is not used.
-        """
-        if not records:
-            return
-        params = [
-            [
-                r.request_id,
-                r.user_id,
-                r.created_at,
-                r.model,
-                r.provider,
-                r.stream,
-                r.status_code,
-                r.error,
-                _json_param(r.request_received),
-                _json_param(r.request_sent),
-                _json_param(r.response),
-                _json_param(r.usage),
-                r.latency_ms,
-                r.ttft_ms,
-            ]
-            for r in records
-        ]
-        columns = ", ".join(_INTERACTION_COLUMNS)
-        with self._index_lock:
-            cursor = self._writable_cursor()
-            if len(params) <= _SMALL_BATCH:
-                placeholders = ", ".join("?" for _ in _INTERACTION_COLUMNS)
-                cursor.execute("BEGIN TRANSACTION")
-                try:
-                    cursor.executemany(f"INSERT INTO interactions ({columns}) VALUES ({placeholders})", params)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    cursor.execute("ROLLBACK")
-                    raise
-                return
-            batch = pa.table({name: [row[i] for row in params] for i, name in enumerate(_INTERACTION_COLUMNS)})
-            cursor.register("interactions_batch", batch)
-            try:
-                cursor.execute(f"INSERT INTO interactions ({columns}) SELECT {columns} FROM interactions_batch")
-            finally:
-                cursor.unregister("interactions_batch")
-
-    def interactions(self, *, user_id: str | None = None, limit: int = 100) -> list[dict]:
-        """Logged interactions, newest first, JSON columns decoded to dicts."""
-        where, params = ("WHERE user_id = ?", [user_id]) if user_id is not None else ("", [])
+    def current_by_hash(self, user_id: str, digest: str) -> MemoryEntry | None:
         rows = self._cursor().execute(
-            f"SELECT {', '.join(_INTERACTION_COLUMNS)} FROM interactions {where} "
-            f"ORDER BY created_at DESC, request_id LIMIT ?",
-            [*params, limit],
+            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND content_hash = ? "
+            f"AND valid_to IS NULL ORDER BY created_at LIMIT 1",
+            [user_id, digest],
         ).fetchall()
+        return _entry(rows[0]) if rows else None
+
+    def current_by_relation(self, user_id: str, subject: str, relation: str) -> list[MemoryEntry]:
+        rows = self._cursor().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND subject = ? "
+            f"AND relation = ? AND valid_to IS NULL ORDER BY created_at",
+            [user_id, subject, relation],
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def _with_relations(self, user_id: str, entries: list[MemoryEntry]) -> list[MemoryEntry]:
+        if not entries:
+            return entries
+        ids = [e.id for e in entries]
+        cursor = self._cursor()
+        links = cursor.execute(
+            "SELECT src_id, dst_id, kind FROM memory_links WHERE user_id = ? "
+            "AND (list_contains(?, src_id) OR list_contains(?, dst_id))",
+            [user_id, ids, ids],
+        ).fetchall()
+        sources = cursor.execute(
+            "SELECT memory_id, kind, ref, extractor, conversation_id, recorded_at "
+            "FROM memory_sources WHERE user_id = ? AND list_contains(?, memory_id) "
+            "ORDER BY recorded_at",
+            [user_id, ids],
+        ).fetchall()
+        related: dict[str, dict[str, list[str]]] = {i: {} for i in ids}
+        for src, dst, kind in links:
+            for mine, other in ((src, dst), (dst, src)):
+                if mine in related:
+                    key = kind if kind in ("contradicts", "related") else (
+                        "supports" if kind == "supports" and mine == src else "related")
+                    related[mine].setdefault(key, []).append(other)
+        by_memory: dict[str, list[MemorySource]] = {}
+        for memory_id, kind, ref, extractor, conversation_id, recorded_at in sources:
+            by_memory.setdefault(memory_id, []).append(
+                MemorySource(kind, ref, extractor, conversation_id, recorded_at)
+            )
         return [
-            {
-                column: json.loads(value) if column in _JSON_COLUMNS and value is not None else value
-                for column, value in zip(_INTERACTION_COLUMNS, row)
-            }
-            for row in rows
+            replace(
+                e,
+                related_memories=tuple(dict.fromkeys(related[e.id].get("related", []))),
+                contradicts=tuple(dict.fromkeys(related[e.id].get("contradicts", []))),
+                supports=tuple(dict.fromkeys(related[e.id].get("supports", []))),
+                sources=tuple(by_memory.get(e.id, ())),
+            )
+            for e in entries
         ]
+
+    def links_from(self, user_id: str, memory_ids: Sequence[str]) -> list[Link]:
+        """Links touching these memories, each oriented away from them."""
+        rows = self._cursor().execute(
+            "SELECT src_id, dst_id, kind, weight FROM memory_links WHERE user_id = ? "
+            "AND (list_contains(?, src_id) OR list_contains(?, dst_id))",
+            [user_id, list(memory_ids), list(memory_ids)],
+        ).fetchall()
+        wanted = set(memory_ids)
+        return [Link(s, d, k, w) if s in wanted else Link(d, s, k, w) for s, d, k, w in rows]
+
+    def conversation_neighbours(
+        self, user_id: str, memory_ids: Sequence[str], *, limit: int
+    ) -> list[tuple[str, str]]:
+        """(seed id, neighbour id) for current memories learned in the same conversation."""
+        rows = self._cursor().execute(
+            """
+            SELECT DISTINCT a.memory_id, b.memory_id
+            FROM memory_sources AS a
+            JOIN memory_sources AS b
+              ON b.user_id = a.user_id AND b.conversation_id = a.conversation_id
+             AND b.memory_id <> a.memory_id
+            JOIN memories AS m ON m.id = b.memory_id AND m.valid_to IS NULL
+            WHERE a.user_id = ? AND list_contains(?, a.memory_id) AND a.conversation_id IS NOT NULL
+            LIMIT ?
+            """,
+            [user_id, list(memory_ids), limit],
+        ).fetchall()
+        return [(a, b) for a, b in rows]
+
+    # -- search primitives -------------------------------------------------------------
+
+    def _rows_of(self, user_id: str) -> int:
+        rows = self._user_rows.get(user_id)
+        if rows is None:
+            (rows,) = self._cursor().execute(
+                "SELECT count(*) FROM memory_vectors WHERE user_id = ?", [user_id]
+            ).fetchone()  # type: ignore[misc]
+            self._user_rows[user_id] = rows
+        return rows
+
+    def vector_neighbours(self, user_id: str, embedding: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The user's n memories (current or not) nearest to `embedding`: (id, cosine)."""
+        if n <= 0:
+            return []
+        query = vector_param(embedding)
+        cursor = self._cursor()
+        user_rows = self._rows_of(user_id)
+        if user_rows == 0:
+            return []
+        if self.has_vector_index and user_rows > EXACT_SCAN_MAX_ROWS:
+            (total,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
+            share = user_rows / max(total, 1)
+            fetch = min(max(n * self._overfetch, math.ceil(2 * n / share)), MAX_OVERFETCH_ROWS)
+            with self._index_lock:
+                rows = cursor.execute(_HNSW_SQL, [query, user_id, fetch]).fetchall()
+            if len(rows) >= min(n, user_rows):
+                rows.sort(key=lambda r: (-r[1], r[0]))
+                return [(i, float(s)) for i, s in rows[:n]]
+        rows = cursor.execute(_EXACT_SQL, [query, user_id, n]).fetchall()
+        return [(i, float(s)) for i, s in rows]
+
+    def similarities(self, user_id: str, embedding: np.ndarray, memory_ids: Sequence[str]) -> dict[str, float]:
+        if not memory_ids:
+            return {}
+        rows = self._cursor().execute(
+            "SELECT id, array_cosine_similarity(embedding, ?::FLOAT[384]) FROM memory_vectors "
+            "WHERE user_id = ? AND list_contains(?, id)",
+            [vector_param(embedding), user_id, list(memory_ids)],
+        ).fetchall()
+        return {i: float(s) for i, s in rows}
+
+    def text_matches(self, user_id: str, query: str, n: int) -> list[tuple[str, float]]:
+        """BM25 over the text index: the user's n best (id, score). Rebuilds a stale index
+        in the background; until then rows written since the last build are not seen."""
+        if n <= 0 or not query.strip():
+            return []
+        if self._text_index_stale:
+            self._refresh_text_index_soon()
+        try:
+            rows = self._cursor().execute(_BM25_SQL, [query, user_id, n]).fetchall()
+        except duckdb.CatalogException:  # not built yet (read-only store of an old file)
+            return []
+        return [(i, float(s)) for i, s in rows]
+
+    # -- what users do: the rules live in remember / retrieve / tiers ------------------
+
+    def add(
+        self,
+        user_id: str,
+        content: str,
+        *,
+        source: str | MemorySource = "api",
+        source_ref: str | None = None,
+        embedding: np.ndarray | None = None,
+        **fields: Any,
+    ) -> tuple[MemoryEntry, bool]:
+        """Remember `content` for the user (dedup, corroboration, supersession applied);
+        returns (the memory now holding it, whether a new memory was created)."""
+        if isinstance(source, str):
+            source = _remember.source_from_label(source, source_ref)
+        result = _remember.remember(self, user_id, content, source=source, embedding=embedding, **fields)
+        return result.entry, result.created
+
+    def search(
+        self, user_id: str, embedding: np.ndarray, *, k: int = 5, min_score: float = 0.0,
+        query: str | None = None, **options: Any,
+    ) -> list[MemoryEntry]:
+        """The user's k best current memories for a query, each with its `score` parts."""
+        return _retrieve.retrieve(self, user_id, embedding, query=query, k=k, min_score=min_score, **options)
+
+    def search_text(self, user_id: str, query: str, *, k: int = 5, min_score: float = 0.0, **options: Any) -> list[MemoryEntry]:
+        """`search` with the store's embedder applied to `query`."""
+        vector = self.embedder.embed([query])[0]
+        return self.search(user_id, vector, k=k, min_score=min_score, query=query, **options)
+
+    def forget(self, user_id: str, memory_id: str) -> bool:
+        """Delete a memory, and what was derived from it, for good."""
+        return bool(self.delete_entries(user_id, [memory_id]))
+
+    def maintain(self) -> _tiers.MaintenanceReport:
+        """Promote, expire and decay by the tier rules, then refresh the text index if stale."""
+        report = _tiers.run_maintenance(self)
+        if self._text_index_stale:
+            self.refresh_text_index()
+        return report
+
+
+def _entry_params(entry: MemoryEntry, identity_since: datetime | None) -> list[Any]:
+    c = entry.confidence
+    return [
+        entry.id, entry.user_id, entry.content, entry.summary, entry.content_hash,
+        entry.tier.value, entry.truth_category.value, entry.memory_type.value,
+        c.overall, c.source_reliability, c.recency, c.corroboration_count, c.contradiction_count,
+        entry.importance, list(entry.tags), list(entry.domains), list(entry.entities),
+        entry.subject, entry.relation, entry.value, entry.validated, entry.valid_from,
+        entry.valid_to, entry.recorded_at, entry.superseded_by, entry.supersedes,
+        identity_since, entry.expires_at, entry.created_at, entry.updated_at,
+        entry.last_accessed, entry.access_count,
+    ]
+

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
 
 import httpx
 import structlog
@@ -22,7 +24,14 @@ from starlette.routing import Route
 
 from adapters import LocalModel
 from learner import LearnerWorker
-from memory import BatchingEmbedder, Embedder, HashEmbedder, MemoryStore, MiniLMEmbedder
+from memory import (
+    BatchingEmbedder,
+    Embedder,
+    HashEmbedder,
+    MemoryStore,
+    MiniLMEmbedder,
+    TierPolicy,
+)
 from proxy import routes
 from proxy.auth import KeyRing
 from proxy.chat import chat_completions
@@ -122,9 +131,16 @@ def build_embedder(settings: Settings) -> Embedder:
     return HashEmbedder() if settings.embedder == "hash" else MiniLMEmbedder()
 
 
+def open_store(settings: Settings, emb: Embedder, **options: Any) -> MemoryStore:
+    """The store at `settings.database`, with its key and tier policy."""
+    key = settings.database_key.get_secret_value() if settings.database_key else None
+    policy = TierPolicy(short_term_ttl=timedelta(hours=settings.short_term_ttl_hours))
+    return MemoryStore.open(settings.database, embedder=emb, encryption_key=key, tier_policy=policy, **options)
+
+
 def _open_store(settings: Settings, emb: Embedder) -> MemoryStore | None:
     try:
-        return MemoryStore.open(settings.database, embedder=emb)
+        return open_store(settings, emb)
     except Exception as exc:  # chat keeps working without memory; readyz and headers say so
         log.error("memory_store_unavailable", database=str(settings.database), error=repr(exc))
         return None

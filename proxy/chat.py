@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
@@ -191,8 +192,21 @@ class _ExchangeDraft:
                 latency_ms=total * 1000,
                 ttft_ms=(self.first_at - self.started) * 1000 if self.first_at else None,
                 user_text=latest_user_text(self.received["messages"]),
+                conversation_id=conversation_id(self.user_id, self.received["messages"]),
             )
         )
+
+
+def conversation_id(user_id: str, messages: list) -> str:
+    """A stable id for a conversation: clients resend the whole history each turn, so the
+    messages up to the first user turn are the same on every turn of one conversation."""
+    opening: list = []
+    for message in messages:
+        opening.append(message)
+        if isinstance(message, dict) and message.get("role") == "user":
+            break
+    digest = hashlib.sha256(json.dumps([user_id, opening], sort_keys=True, default=str).encode())
+    return f"conv_{digest.hexdigest()[:16]}"
 
 
 def _short_hash(value: str) -> str:

@@ -87,10 +87,9 @@ class _Memories:
         try:
             import duckdb
 
-            from memory import MemoryStore
-            from proxy.app import build_embedder
+            from proxy.app import build_embedder, open_store
 
-            self.store = MemoryStore.open(self.settings.database, embedder=build_embedder(self.settings))
+            self.store = open_store(self.settings, build_embedder(self.settings))
         except duckdb.IOException:
             console.print(f"[dim]{self.settings.database} is held by a running server; using {self.url}[/dim]")
 
@@ -120,16 +119,18 @@ class _Memories:
 
 
 def _table(rows: list[dict], *, scored: bool = False) -> None:
-    table = Table("id", "content", "source", "created", *(["score"] if scored else []))
+    table = Table("id", "content", "tier", "created", *(["score"] if scored else []))
     for r in rows:
-        extra = [f"{r['score']:.3f}"] if scored and r.get("score") is not None else ([""] if scored else [])
-        table.add_row(r["id"], r["content"], r["source"], str(r["created_at"])[:19], *extra)
+        score = (r.get("score") or {}).get("total")
+        extra = [f"{score:.3f}"] if scored and score is not None else ([""] if scored else [])
+        table.add_row(r["id"], r["content"], r["tier"], str(r["created_at"])[:19], *extra)
     console.print(table)
 
 
 def _row(memory: Any) -> dict:
-    return {"id": memory.id, "content": memory.content, "source": memory.source,
-            "created_at": memory.created_at, "score": memory.score}
+    from memory import entry_to_dict
+
+    return entry_to_dict(memory)
 
 
 @memories.command("list")

@@ -15,7 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from adapters import ContextLengthError, GenerationParams, LocalModel, LocalModelError
-from proxy.errors import InvalidRequest, ModelNotFound, ServiceUnavailable, UpstreamError
+from proxy.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    UpstreamError,
+)
 from proxy.settings import RouteConfig
 from proxy.upstream import UpstreamReply, one_chunk, timed, upstream_model
 

@@ -7,12 +7,11 @@ The CLI uses it when a server holds the database file.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from memory import Memory
+from memory import MemoryEntry, entry_to_dict
 from proxy.auth import USER_HEADER, resolve_user
 from proxy.errors import InvalidRequest, NotFound, ServiceUnavailable
 from proxy.schema import read_json
@@ -31,12 +30,8 @@ def _store(state: AppState):  # type: ignore[no-untyped-def]
     return state.store
 
 
-def as_json(memory: Memory) -> dict:
-    out = asdict(memory)
-    out["object"] = "memory"
-    out["created_at"] = memory.created_at.isoformat()
-    out["updated_at"] = memory.updated_at.isoformat()
-    return out
+def as_json(memory: MemoryEntry) -> dict:
+    return {"object": "memory", **entry_to_dict(memory)}
 
 
 async def memories_collection(request: Request) -> Response:

@@ -69,7 +69,8 @@ class Recaller:
         return Recall(sent, used, "on")
 
     async def _retrieve(self, user_id: str, text: str) -> list:
-        vector = await self.embedder.embed_one(text[-MAX_QUERY_CHARS:])  # type: ignore[union-attr]
+        query = text[-MAX_QUERY_CHARS:]
+        vector = await self.embedder.embed_one(query)  # type: ignore[union-attr]
         return await asyncio.to_thread(
-            self.store.search, user_id, vector, k=self.top_k, min_score=self.min_score  # type: ignore[union-attr]
+            self.store.search, user_id, vector, k=self.top_k, min_score=self.min_score, query=query  # type: ignore[union-attr]
         )

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -85,6 +92,11 @@ class Settings(BaseSettings):
     memory_token_cap: int = Field(default=400, ge=0)
     memory_budget_ms: int = Field(default=2000, ge=1)  # retrieval slower than this: answer without memory
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
+    # Encrypts the database file (DuckDB AES-GCM); the same key opens it again. Without an
+    # HNSW index (vss cannot store one in an encrypted file) vector search scans exactly.
+    database_key: SecretStr | None = None
+    short_term_ttl_hours: float = Field(default=72.0, ge=24.0, le=72.0)
+    maintenance_interval_s: float = Field(default=600.0, gt=0)  # promotion, expiry, decay
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     log_queue_size: int = Field(default=10_000, gt=0)

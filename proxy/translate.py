@@ -18,7 +18,13 @@ import httpx
 
 from proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from proxy.settings import RouteConfig
-from proxy.upstream import UpstreamReply, one_chunk, timed, upstream_model, upstream_status_error
+from proxy.upstream import (
+    UpstreamReply,
+    one_chunk,
+    timed,
+    upstream_model,
+    upstream_status_error,
+)
 
 _LITELLM_PREFIX = {"anthropic": "anthropic", "ollama": "ollama_chat"}
 _import_lock = threading.Lock()

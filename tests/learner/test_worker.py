@@ -32,7 +32,7 @@ def test_rows_are_written_and_facts_extracted(tmp_path):
     rows = store.interactions(limit=10)
     assert sorted(r["request_id"] for r in rows) == ["req_0001", "req_0002", "req_0003"]
     assert [m.content for m in store.list("ada")] == ["The user prefers tabs over spaces."]  # not from a failed call
-    assert store.list("ada")[0].source_ref == "req_0001"
+    assert store.list("ada")[0].sources[0].ref == "req_0001"
 
 
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):

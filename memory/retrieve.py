@@ -1,0 +1,166 @@
+"""Hybrid retrieval: vector and BM25 candidates, fused with the memory's own signals.
+
+For one query:
+1. candidates: the user's nearest memories by cosine (HNSW, `store.vector_neighbours`) and
+   their best BM25 matches (`store.text_matches`), `candidates` from each;
+2. only current memories survive (not superseded, not expired), filtered by tier and domain
+   when asked; every survivor gets its cosine similarity, whichever leg found it;
+3. link expansion: the best few seeds pull in memories linked to them (supports, related,
+   derived from) and memories learned in the same conversation, scored through the link;
+4. each memory's score is a weighted sum of its parts (`ScoreParts`): vector, text, recency,
+   importance, confidence, access frequency, tier, link. The parts travel with the result, so
+   a user can see why a memory was chosen;
+5. the top k are returned, and their access statistics updated in the background.
+
+A memory is relevant when its vector or text part (or its link part) reaches `min_score`;
+the signals of the memory itself only order relevant memories, they never make one relevant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from memory.entry import MemoryEntry, ScoreParts, Tier
+from memory.tiers import recency as recency_of
+
+if TYPE_CHECKING:
+    from memory.store import MemoryStore
+
+__all__ = ["RetrievalWeights", "retrieve"]
+
+TIER_VALUE = {Tier.SHORT_TERM: 0.4, Tier.LONG_TERM: 0.7, Tier.PERSISTENT: 1.0}
+LINK_KINDS = {"supports": 1.0, "related": 0.8, "derived_from": 0.8}
+CONVERSATION_LINK = 0.6  # weight of "learned in the same conversation"
+TEXT_SCALE = 6.0  # BM25 is divided by max(best BM25 of the query, this)
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalWeights:
+    vector: float = 0.55
+    text: float = 0.25
+    recency: float = 0.04
+    importance: float = 0.03
+    confidence: float = 0.05
+    frequency: float = 0.02
+    tier: float = 0.04
+    link: float = 0.25
+    candidates: int = 30  # from each leg
+    link_seeds: int = 3  # best memories whose links are followed
+    link_decay: float = 0.5  # a linked memory's link part: seed relevance x this x link weight
+
+
+def retrieve(
+    store: MemoryStore,
+    user_id: str,
+    embedding: np.ndarray,
+    *,
+    query: str | None = None,
+    k: int = 5,
+    min_score: float = 0.0,
+    tiers: Collection[Tier] | None = None,
+    domains: Collection[str] | None = None,
+    expand_links: bool = True,
+    touch: bool = True,
+) -> list[MemoryEntry]:
+    """The user's k best current memories for a query, best first, each with `score` parts."""
+    if k <= 0:
+        return []
+    weights, now = store.weights, store.clock.now()
+    n = max(3 * k, weights.candidates)
+    vector = dict(store.vector_neighbours(user_id, embedding, n))
+    text = dict(store.text_matches(user_id, query, n)) if query else {}
+    entries = _eligible(store.get_many(user_id, [*vector, *text]), now, tiers, domains)
+    _fill_similarities(store, user_id, embedding, entries, vector)
+    best_text = max([text.get(i, 0.0) for i in entries] + [TEXT_SCALE])
+    relevance = {
+        i: max(vector.get(i, 0.0), text.get(i, 0.0) / best_text) for i in entries
+    }
+    link: dict[str, tuple[float, str]] = {}
+    if expand_links and entries:
+        seeds = sorted(entries, key=lambda i: relevance[i], reverse=True)[: weights.link_seeds]
+        link = _expand(store, user_id, seeds, relevance, weights.link_decay)
+        new = [i for i in link if i not in entries]
+        added = _eligible(store.get_many(user_id, new), now, tiers, domains)
+        _fill_similarities(store, user_id, embedding, added, vector)
+        entries.update(added)
+    results = []
+    for memory_id, entry in entries.items():
+        link_score, via = link.get(memory_id, (0.0, None))
+        if max(relevance.get(memory_id, vector.get(memory_id, 0.0)), link_score) < min_score:
+            continue
+        parts = _parts(entry, vector.get(memory_id, 0.0), text.get(memory_id, 0.0) / best_text,
+                       link_score, via, now, weights, store)
+        results.append(replace(entry, score=parts))
+    results.sort(key=lambda e: (-e.score.total, e.id))  # type: ignore[union-attr]
+    results = results[:k]
+    if touch:
+        store.record_access(user_id, [e.id for e in results])
+    return results
+
+
+def _eligible(
+    found: list[MemoryEntry], now: datetime,
+    tiers: Collection[Tier] | None, domains: Collection[str] | None,
+) -> dict[str, MemoryEntry]:
+    wanted_domains = set(domains or ())
+    return {
+        e.id: e
+        for e in found
+        if e.is_current
+        and (e.expires_at is None or e.expires_at > now)
+        and (tiers is None or e.tier in tiers)
+        and (not wanted_domains or wanted_domains.intersection(e.domains))
+    }
+
+
+def _fill_similarities(
+    store: MemoryStore, user_id: str, embedding: np.ndarray,
+    entries: dict[str, MemoryEntry], vector: dict[str, float],
+) -> None:
+    missing = [i for i in entries if i not in vector]
+    vector.update(store.similarities(user_id, embedding, missing))
+
+
+def _expand(
+    store: MemoryStore, user_id: str, seeds: list[str], relevance: dict[str, float], decay: float
+) -> dict[str, tuple[float, str]]:
+    """Memories reached from the seeds: id -> (link part, seed id), strongest path kept."""
+    reached: dict[str, tuple[float, str]] = {}
+
+    def offer(seed: str, other: str, weight: float) -> None:
+        score = relevance[seed] * decay * weight
+        if other not in seeds and score > reached.get(other, (0.0, ""))[0]:
+            reached[other] = (score, seed)
+
+    for link in store.links_from(user_id, seeds):
+        if link.kind in LINK_KINDS:
+            offer(link.src_id, link.dst_id, LINK_KINDS[link.kind] * link.weight)
+    for seed, other in store.conversation_neighbours(user_id, seeds, limit=20 * len(seeds)):
+        offer(seed, other, CONVERSATION_LINK)
+    return reached
+
+
+def _parts(
+    entry: MemoryEntry, vector: float, text: float, link: float, via: str | None,
+    now: datetime, weights: RetrievalWeights, store: MemoryStore,
+) -> ScoreParts:
+    recency = recency_of(entry, now, store.tier_policy)
+    frequency = math.log1p(entry.access_count) / math.log1p(100)
+    parts = {
+        "vector": max(vector, 0.0),
+        "text": text,
+        "recency": recency,
+        "importance": entry.importance,
+        "confidence": entry.confidence.overall,
+        "frequency": min(frequency, 1.0),
+        "tier": TIER_VALUE[entry.tier],
+        "link": link,
+    }
+    total = sum(getattr(weights, name) * value for name, value in parts.items())
+    return ScoreParts(total=round(total, 6), via=via, **{n: round(v, 6) for n, v in parts.items()})

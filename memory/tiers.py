@@ -1,0 +1,139 @@
+"""The three tiers and the promotion engine: promotion, expiry and decay, by the seed's rules.
+
+Short-term to long-term (any one):
+  confidence >= 0.6 and corroborated >= 2 times; or persisted 3+ days with no contradiction;
+  or validated by the user.
+Long-term to persistent (any one):
+  truth category ABSOLUTE with confidence >= 0.9; or tagged `identity` for 30+ days; or a
+  PREFERENCE accessed 10+ times over 60+ days (counted from when it was recorded).
+A short-term memory that reaches its TTL (24-72 h, `short_term_ttl`) without meeting a
+promotion rule expires: it is deleted with everything derived from it. Promotion is checked
+first, so with a 72 h TTL an uncontradicted memory is promoted by the 3-day rule when its TTL
+runs out; with a shorter TTL only corroborated or validated memories survive.
+
+Decay: every current memory's `recency` is exp(-ln 2 * idle / half_life), idle counted from its
+last access or update. A long-term memory nobody validated whose confidence x recency falls
+below `forget_below` is forgotten; persistent memories and history are never decayed away.
+
+The clock is the store's (`store.clock`), so tests run months of rules in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from memory.entry import MemoryEntry, MemoryType, Tier, TruthCategory
+
+if TYPE_CHECKING:
+    from memory.store import MemoryStore
+
+__all__ = ["MaintenanceReport", "TierPolicy", "next_tier", "run_maintenance", "short_term_expiry"]
+
+log = structlog.get_logger("memlane.tiers")
+
+
+@dataclass(frozen=True, slots=True)
+class TierPolicy:
+    short_term_ttl: timedelta = timedelta(hours=72)  # the seed allows 24-72 h
+    promote_confidence: float = 0.6  # with ...
+    promote_corroborations: int = 2
+    promote_after: timedelta = timedelta(days=3)  # uncontradicted for this long
+    persist_confidence: float = 0.9  # for ABSOLUTE truths
+    identity_for: timedelta = timedelta(days=30)
+    preference_accesses: int = 10
+    preference_span: timedelta = timedelta(days=60)
+    half_life: timedelta = timedelta(days=90)  # recency halves after this long unused
+    forget_below: float = 0.05  # confidence x recency under which a long-term memory goes
+
+    def __post_init__(self) -> None:
+        if not timedelta(hours=24) <= self.short_term_ttl <= timedelta(hours=72):
+            raise ValueError("short_term_ttl must be between 24 and 72 hours")
+
+
+def short_term_expiry(policy: TierPolicy, recorded_at: datetime) -> datetime:
+    return recorded_at + policy.short_term_ttl
+
+
+def next_tier(
+    entry: MemoryEntry, now: datetime, policy: TierPolicy, *, identity_since: datetime | None = None
+) -> Tier | None:
+    """The tier `entry` should move up to now, or None if it stays."""
+    c = entry.confidence
+    if entry.tier is Tier.SHORT_TERM:
+        if c.overall >= policy.promote_confidence and c.corroboration_count >= policy.promote_corroborations:
+            return Tier.LONG_TERM
+        # Contradictions it received: superseding an older memory counts one on both sides.
+        received = c.contradiction_count - (1 if entry.supersedes else 0)
+        if received <= 0 and now - entry.recorded_at >= policy.promote_after:
+            return Tier.LONG_TERM
+        if entry.validated:
+            return Tier.LONG_TERM
+        return None
+    if entry.tier is Tier.LONG_TERM:
+        if entry.truth_category is TruthCategory.ABSOLUTE and c.overall >= policy.persist_confidence:
+            return Tier.PERSISTENT
+        if "identity" in entry.tags and identity_since is not None and now - identity_since >= policy.identity_for:
+            return Tier.PERSISTENT
+        if (entry.memory_type is MemoryType.PREFERENCE
+                and entry.access_count >= policy.preference_accesses
+                and now - entry.recorded_at >= policy.preference_span):
+            return Tier.PERSISTENT
+    return None
+
+
+def recency(entry: MemoryEntry, now: datetime, policy: TierPolicy) -> float:
+    seen = max(entry.last_accessed or entry.updated_at, entry.updated_at)
+    idle_days = max((now - seen).total_seconds(), 0.0) / 86400
+    return math.exp(-math.log(2) * idle_days / (policy.half_life.total_seconds() / 86400))
+
+
+@dataclass(slots=True)
+class MaintenanceReport:
+    promoted: dict[str, int] = field(default_factory=dict)  # "SHORT_TERM->LONG_TERM": n
+    expired: int = 0
+    decayed: int = 0
+    forgotten: int = 0
+
+
+def run_maintenance(store: MemoryStore) -> MaintenanceReport:
+    """One pass over every user's current memories: promote, expire, decay, forget."""
+    policy, now = store.tier_policy, store.clock.now()
+    report = MaintenanceReport()
+    expired: dict[str, list[str]] = {}
+    forgotten: dict[str, list[str]] = {}
+    for entry in store.entries_where("valid_to IS NULL"):
+        tier = entry.tier
+        since = store.identity_since(entry.id) if "identity" in entry.tags else None
+        while (up := next_tier(replace(entry, tier=tier), now, policy, identity_since=since)) is not None:
+            key = f"{tier.value}->{up.value}"
+            report.promoted[key] = report.promoted.get(key, 0) + 1
+            tier = up
+        if tier is Tier.SHORT_TERM and entry.expires_at is not None and now >= entry.expires_at:
+            expired.setdefault(entry.user_id, []).append(entry.id)
+            continue
+        factor = recency(entry, now, policy)
+        changes: dict[str, object] = {}
+        if tier is not entry.tier:
+            changes.update(tier=tier, expires_at=None, updated_at=now)
+        if abs(factor - entry.confidence.recency) > 1e-3:
+            changes["recency"] = factor
+            report.decayed += 1
+        if (tier is Tier.LONG_TERM and not entry.validated
+                and entry.confidence.overall * factor < policy.forget_below):
+            forgotten.setdefault(entry.user_id, []).append(entry.id)
+            continue
+        if changes:
+            store.update_entry(entry.user_id, entry.id, **changes)
+    for user_id, ids in expired.items():
+        report.expired += len(store.delete_entries(user_id, ids))
+    for user_id, ids in forgotten.items():
+        report.forgotten += len(store.delete_entries(user_id, ids))
+    log.info("maintenance_done", promoted=sum(report.promoted.values()), expired=report.expired,
+             decayed=report.decayed, forgotten=report.forgotten)
+    return report
+
