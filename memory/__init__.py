@@ -19,6 +19,16 @@ from memory.entry import (
 from memory.extensions import ExtensionNotFoundError, connect, load_extensions
 from memory.interactions import InteractionRecord
 from memory.migrations import MIGRATIONS, MigrationError
+from memory.ownership import (
+    DuplicateContentError,
+    ImportFormatError,
+    ImportReport,
+    edit_memory,
+    export_jsonl,
+    export_parquet,
+    import_jsonl,
+    import_parquet,
+)
 from memory.relations import content_hash, parse_relation
 from memory.remember import RememberResult
 from memory.retrieve import RetrievalWeights
@@ -41,9 +51,12 @@ __all__ = [
     "BatchingEmbedder",
     "Clock",
     "Confidence",
+    "DuplicateContentError",
     "Embedder",
     "ExtensionNotFoundError",
     "HashEmbedder",
+    "ImportFormatError",
+    "ImportReport",
     "InteractionRecord",
     "Link",
     "MaintenanceReport",
@@ -65,8 +78,13 @@ __all__ = [
     "TruthCategory",
     "connect",
     "content_hash",
+    "edit_memory",
     "entry_from_dict",
     "entry_to_dict",
+    "export_jsonl",
+    "export_parquet",
+    "import_jsonl",
+    "import_parquet",
     "load_extensions",
     "parse_relation",
 ]

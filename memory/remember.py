@@ -159,6 +159,31 @@ def remember(
     return RememberResult(entry, "superseded" if superseded else "created", superseded)
 
 
+def build_entry(
+    store: MemoryStore, user_id: str, content: str, source: MemorySource, *,
+    tier: Tier | None = None, kind: str | None = None,
+) -> MemoryEntry:
+    """A new memory with classification, relation and confidence from its source, no rules
+    against stored memories applied (for bulk inserts)."""
+    now = store.clock.now()
+    content = content.strip()
+    reliability = SOURCE_RELIABILITY.get(source.kind, 0.5)
+    relation = parse_relation(content)
+    memory_type, truth, tags = classify(content, kind)
+    short = (tier or Tier.SHORT_TERM) is Tier.SHORT_TERM
+    return MemoryEntry(
+        id=_new_id(), user_id=user_id, content=content, content_hash=content_hash(content),
+        tier=tier or Tier.SHORT_TERM, truth_category=truth, memory_type=memory_type,
+        confidence=Confidence(reliability, reliability), created_at=now, updated_at=now,
+        valid_from=now, recorded_at=now, tags=tags,
+        subject=relation.subject if relation else None,
+        relation=relation.relation if relation else None,
+        value=relation.value if relation else None,
+        validated=source.kind in USER_WRITTEN,
+        expires_at=short_term_expiry(store.tier_policy, now) if short else None,
+    )
+
+
 def _initial_tier(
     entry: MemoryEntry, store: MemoryStore, identity_since: datetime | None, now: datetime
 ) -> MemoryEntry:

@@ -135,12 +135,16 @@ def _expand(
 
     def offer(seed: str, other: str, weight: float) -> None:
         score = relevance[seed] * decay * weight
-        if other not in seeds and score > reached.get(other, (0.0, ""))[0]:
+        if other != seed and score > reached.get(other, (0.0, ""))[0]:
             reached[other] = (score, seed)
 
+    wanted = set(seeds)
     for link in store.links_from(user_id, seeds):
-        if link.kind in LINK_KINDS:
-            offer(link.src_id, link.dst_id, LINK_KINDS[link.kind] * link.weight)
+        if link.kind not in LINK_KINDS:
+            continue
+        for seed, other in ((link.src_id, link.dst_id), (link.dst_id, link.src_id)):
+            if seed in wanted:
+                offer(seed, other, LINK_KINDS[link.kind] * link.weight)
     for seed, other in store.conversation_neighbours(user_id, seeds, limit=20 * len(seeds)):
         offer(seed, other, CONVERSATION_LINK)
     return reached

@@ -63,6 +63,7 @@ from memory.entry import (
 from memory.extensions import ATTACHED_NAME, connect
 from memory.interactions import InteractionLog
 from memory.migrations import apply_migrations, check_schema_current
+from memory.relations import content_hash
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -474,26 +475,60 @@ class MemoryStore(InteractionLog):
             "user_id": [e.user_id for e in entries],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), EMBEDDING_DIM),
         })
-        view, vview = f"import_{uuid.uuid4().hex}", f"import_v_{uuid.uuid4().hex}"
+        src_rows = [
+            (e.id, e.user_id, s.kind, s.ref, s.extractor, s.conversation_id, s.recorded_at or e.recorded_at)
+            for e, entry_sources in zip(entries, sources or [()] * len(entries), strict=True)
+            for s in entry_sources
+        ]
+        src_names = ("memory_id", "user_id", "kind", "ref", "extractor", "conversation_id", "recorded_at")
+        src = pa.table(
+            {name: pa.array([row[i] for row in src_rows], type=pa.timestamp("us") if name == "recorded_at" else pa.string())
+             for i, name in enumerate(src_names)}
+        )
+        views = {name: f"import_{name}_{uuid.uuid4().hex}" for name in ("entries", "vectors", "sources")}
         with self._write_lock, self._index_lock:
             cursor = self._writable_cursor()
-            cursor.register(view, table)
-            cursor.register(vview, vec)
+            for name, data in zip(views, (table, vec, src), strict=True):
+                cursor.register(views[name], data)
             cursor.execute("BEGIN TRANSACTION")
             try:
-                cursor.execute(f"INSERT INTO memories ({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS} FROM {view}")
-                cursor.execute(f"INSERT INTO memory_vectors SELECT id, user_id, embedding FROM {vview}")
-                for entry, entry_sources in zip(entries, sources or [()] * len(entries), strict=True):
-                    self._insert_sources(cursor, entry.user_id, entry.id, entry_sources)
+                cursor.execute(f"INSERT INTO memories ({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS} FROM {views['entries']}")
+                cursor.execute(f"INSERT INTO memory_vectors SELECT id, user_id, embedding FROM {views['vectors']}")
+                cursor.execute(f"INSERT INTO memory_sources SELECT * FROM {views['sources']}")
                 cursor.execute("COMMIT")
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
             finally:
-                cursor.unregister(view)
-                cursor.unregister(vview)
+                for view in views.values():
+                    cursor.unregister(view)
             self._user_rows.clear()
             self._text_index_stale = True
+
+    def bulk_add(
+        self, user_id: str, contents: Sequence[str], embeddings: np.ndarray, *,
+        source: str = "import", tier: Tier = Tier.LONG_TERM,
+    ) -> int:
+        """Insert many memories at once, skipping contents already stored for the user (or
+        repeated in the batch); returns how many were new. No corroboration, no supersession:
+        for imports of plain sentences and for benchmarks."""
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.shape != (len(contents), EMBEDDING_DIM):
+            raise ValueError(f"embeddings shape {vectors.shape} does not match ({len(contents)}, {EMBEDDING_DIM})")
+        known = {row[0] for row in self._cursor().execute(
+            "SELECT content_hash FROM memories WHERE user_id = ? AND valid_to IS NULL", [user_id]
+        ).fetchall()}
+        keep: dict[str, int] = {}
+        for i, content in enumerate(contents):
+            digest = content_hash(content)
+            if content.strip() and digest not in known:
+                keep.setdefault(digest, i)
+        origin = _remember.source_from_label(source)
+        entries = [
+            _remember.build_entry(self, user_id, contents[i], origin, tier=tier) for i in keep.values()
+        ]
+        self.insert_many(entries, vectors[list(keep.values())], [[origin]] * len(entries))
+        return len(entries)
 
     @staticmethod
     def _insert_sources(
@@ -795,14 +830,13 @@ class MemoryStore(InteractionLog):
         ]
 
     def links_from(self, user_id: str, memory_ids: Sequence[str]) -> list[Link]:
-        """Links touching these memories, each oriented away from them."""
+        """Links touching these memories, as stored (src -> dst)."""
         rows = self._cursor().execute(
             "SELECT src_id, dst_id, kind, weight FROM memory_links WHERE user_id = ? "
             "AND (list_contains(?, src_id) OR list_contains(?, dst_id))",
             [user_id, list(memory_ids), list(memory_ids)],
         ).fetchall()
-        wanted = set(memory_ids)
-        return [Link(s, d, k, w) if s in wanted else Link(d, s, k, w) for s, d, k, w in rows]
+        return [Link(s, d, k, w) for s, d, k, w in rows]
 
     def conversation_neighbours(
         self, user_id: str, memory_ids: Sequence[str], *, limit: int
@@ -919,6 +953,114 @@ class MemoryStore(InteractionLog):
         if self._text_index_stale:
             self.refresh_text_index()
         return report
+
+    # -- ownership helpers (memory.ownership: export and import) -------------------------
+
+    def vectors_of(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored embeddings of these memories of the user, by id."""
+        if not memory_ids:
+            return {}
+        table = self._cursor().execute(
+            "SELECT id, embedding FROM memory_vectors WHERE user_id = ? AND list_contains(?, id)",
+            [user_id, list(memory_ids)],
+        ).fetch_arrow_table()
+        if table.num_rows == 0:
+            return {}
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy()
+        vectors = vectors.reshape(-1, EMBEDDING_DIM).astype(np.float32, copy=False)
+        return dict(zip(table.column("id").to_pylist(), vectors, strict=True))
+
+    def identity_since_of(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, datetime]:
+        """`identity_since` of those memories that have one."""
+        rows = self._cursor().execute(
+            "SELECT id, identity_since FROM memories WHERE user_id = ? AND list_contains(?, id) "
+            "AND identity_since IS NOT NULL",
+            [user_id, list(memory_ids)],
+        ).fetchall()
+        return dict(rows)
+
+    def links_with_times(self, user_id: str, src_ids: Sequence[str]) -> list[tuple[Link, datetime]]:
+        """The user's links leaving these memories, as stored, with their creation times."""
+        rows = self._cursor().execute(
+            "SELECT src_id, dst_id, kind, weight, created_at FROM memory_links "
+            "WHERE user_id = ? AND list_contains(?, src_id) ORDER BY src_id, created_at, dst_id, kind",
+            [user_id, list(src_ids)],
+        ).fetchall()
+        return [(Link(s, d, k, w), t) for s, d, k, w, t in rows]
+
+    def owners_of(self, memory_ids: Sequence[str]) -> dict[str, str]:
+        """The user of each of these ids that exists (memory ids are unique across users)."""
+        if not memory_ids:
+            return {}
+        rows = self._cursor().execute(
+            "SELECT id, user_id FROM memories WHERE list_contains(?, id)", [list(memory_ids)]
+        ).fetchall()
+        return dict(rows)
+
+    def restore_entries(
+        self,
+        entries: Sequence[MemoryEntry],
+        embeddings: np.ndarray,
+        *,
+        identity_since: dict[str, datetime] | None = None,
+        links: Sequence[tuple[Link, datetime]] = (),
+    ) -> None:
+        """Insert exported memories exactly as given (sources from `entry.sources`, links with
+        their times; a link belongs to its src's user), in one transaction: no dedup, no rules."""
+        if not entries:
+            return
+        since = identity_since or {}
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if vectors.shape != (len(entries), EMBEDDING_DIM):
+            raise ValueError(f"embeddings shape {vectors.shape} does not match the entries")
+        users = {e.id: e.user_id for e in entries}
+        names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
+        rows = [_entry_params(e, since.get(e.id)) for e in entries]
+        text, time = pa.string(), pa.timestamp("us")
+        tables = {
+            "memories": (pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}),
+                         f"({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS}"),
+            "memory_vectors": (pa.table({
+                "id": [e.id for e in entries],
+                "user_id": [e.user_id for e in entries],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), EMBEDDING_DIM),
+            }), "SELECT *"),
+            "memory_sources": (pa.table({
+                "memory_id": pa.array([e.id for e in entries for _ in e.sources], text),
+                "user_id": pa.array([e.user_id for e in entries for _ in e.sources], text),
+                "kind": pa.array([s.kind for e in entries for s in e.sources], text),
+                "ref": pa.array([s.ref for e in entries for s in e.sources], text),
+                "extractor": pa.array([s.extractor for e in entries for s in e.sources], text),
+                "conversation_id": pa.array([s.conversation_id for e in entries for s in e.sources], text),
+                "recorded_at": pa.array([s.recorded_at or e.recorded_at for e in entries for s in e.sources], time),
+            }), "SELECT *"),
+            "memory_links": (pa.table({
+                "user_id": pa.array([users[k.src_id] for k, _ in links], text),
+                "src_id": pa.array([k.src_id for k, _ in links], text),
+                "dst_id": pa.array([k.dst_id for k, _ in links], text),
+                "kind": pa.array([k.kind for k, _ in links], text),
+                "weight": pa.array([k.weight for k, _ in links], pa.float64()),
+                "created_at": pa.array([t for _, t in links], time),
+            }), "SELECT *"),
+        }
+        views = {table: f"restore_{table}_{uuid.uuid4().hex}" for table in tables}
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            for table, (data, _) in tables.items():
+                cursor.register(views[table], data)
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                for table, (_, select) in tables.items():
+                    cursor.execute(f"INSERT INTO {table} {select} FROM {views[table]}")
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            finally:
+                for view in views.values():
+                    cursor.unregister(view)
+            self._user_rows.clear()
+            self._text_index_stale = True
 
 
 def _entry_params(entry: MemoryEntry, identity_since: datetime | None) -> list[Any]:

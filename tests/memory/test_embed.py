@@ -167,6 +167,6 @@ def test_minilm_ranks_the_peanut_allergy_first_for_a_food_question(tmp_path: Pat
         results = store.search_text("alice", "What food should I avoid?", k=5, min_score=-1.0)
 
     print(f"\nMiniLM cosines for 'What food should I avoid?': "
-          + ", ".join(f"{m.content!r}={m.score:.3f}" for m in results))
+          + ", ".join(f"{m.content!r}={m.score.total:.3f}" for m in results))
     assert results[0].content == "The user is allergic to peanuts."
-    assert results[0].score > results[1].score
+    assert results[0].score.total > results[1].score.total

@@ -21,7 +21,9 @@ from memory import (
     connect,
     content_hash,
 )
-from memory.store import EXACT_SEARCH_SQL, HNSW_SEARCH_SQL
+import memory.store
+from memory.store import _EXACT_SQL as EXACT_SEARCH_SQL
+from memory.store import _HNSW_SQL as HNSW_SEARCH_SQL
 
 DIM = 384
 
@@ -55,8 +57,8 @@ def test_migrations_are_applied_once_and_recorded(db_path: Path) -> None:
         }
     finally:
         conn.close()
-    assert rows == [(1, "m001_initial")]
-    assert {"memories_user_id", "memories_embedding_hnsw"} <= indexes
+    assert rows == [(1, "m001_initial"), (2, "m002_pms")]
+    assert {"memories_user", "memory_vectors_hnsw"} <= indexes
 
 
 def test_hnsw_index_is_used_after_reopen_and_exact_scan_avoids_it(db_path: Path) -> None:
@@ -68,7 +70,7 @@ def test_hnsw_index_is_used_after_reopen_and_exact_scan_avoids_it(db_path: Path)
     try:
         conn.execute("SET hnsw_enable_experimental_persistence = true")
         query = unit(rng.standard_normal(DIM)).tolist()
-        top_k = "SELECT id FROM memories ORDER BY array_cosine_distance(embedding, ?::FLOAT[384]) LIMIT 5"
+        top_k = "SELECT id FROM memory_vectors ORDER BY array_cosine_distance(embedding, ?::FLOAT[384]) LIMIT 5"
         assert "HNSW_INDEX_SCAN" in plan(conn, top_k, [query])
         assert "HNSW_INDEX_SCAN" in plan(conn, HNSW_SEARCH_SQL, [query, "alice", 50])
         assert "HNSW_INDEX_SCAN" not in plan(conn, EXACT_SEARCH_SQL, [query, "alice", 5])
@@ -123,8 +125,9 @@ def test_same_content_is_stored_once_per_user(store: MemoryStore) -> None:
 
     assert created and not created_again and created_other
     assert again.id == first.id and again.content == "The user likes tea."
-    assert again.source == "extractor:rules" and again.source_ref == "req-1"
-    assert again.created_at == first.created_at and again.updated_at == first.updated_at
+    assert [(s.kind, s.ref) for s in again.sources] == [("interaction", "req-1"), ("cli", None)]
+    assert again.created_at == first.created_at and again.confidence.corroboration_count == 1
+    assert again.confidence.overall > first.confidence.overall
     assert other.id != first.id
     assert store.count("alice") == 1 and store.count() == 2
 
@@ -138,7 +141,7 @@ def test_forget_deletes_only_the_owners_memory(store: MemoryStore) -> None:
     memory, _ = store.add("alice", "The user's cat is called Miso.", source="cli")
 
     assert store.forget("bob", memory.id) is False
-    assert store.get("alice", memory.id) == memory
+    assert store.get("alice", memory.id).content == memory.content
     assert store.forget("alice", memory.id) is True
     assert store.get("alice", memory.id) is None
     assert store.forget("alice", memory.id) is False
@@ -165,9 +168,10 @@ def test_bulk_add_skips_duplicates_and_finds_rows_by_vector(store: MemoryStore) 
     assert store.bulk_add("alice", contents, vectors, source="import") == 2
     assert store.count("alice") == 3
     assert store.bulk_add("alice", contents, vectors, source="import") == 0
-    best = store.search("alice", vectors[3], k=1)[0]
-    assert best.content == "New fact two." and best.source == "import"
-    assert best.score == pytest.approx(1.0, abs=1e-5)
+    best_id, similarity = store.vector_neighbours("alice", vectors[3], 1)[0]
+    best = store.get("alice", best_id)
+    assert best.content == "New fact two." and best.sources[0].kind == "import"
+    assert similarity == pytest.approx(1.0, abs=1e-5)
 
 
 # -- search ------------------------------------------------------------------
@@ -185,11 +189,14 @@ def test_search_ranks_by_cosine_and_applies_min_score(store: MemoryStore) -> Non
     query = embedder.embed(["allergic to peanuts"])[0]
     expected = embedder.embed(contents) @ query  # (3,) cosines of unit vectors
 
-    results = store.search("alice", query, k=5)
-    assert [m.content for m in results] == [contents[i] for i in np.argsort(-expected)]
-    assert [m.score for m in results] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
-    assert all(isinstance(m, Memory) for m in results)
+    neighbours = store.vector_neighbours("alice", query, 5)
+    by_id = {m.id: m.content for m in store.list("alice")}
+    assert [by_id[i] for i, _ in neighbours] == [contents[i] for i in np.argsort(-expected)]
+    assert [s for _, s in neighbours] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
 
+    results = store.search("alice", query, k=5)
+    assert all(isinstance(m, Memory) and m.score is not None for m in results)
+    assert results[0].content == contents[0]
     threshold = float(expected[1]) - 1e-4
     assert [m.content for m in store.search("alice", query, min_score=threshold)] == contents[:2]
     assert store.search("alice", query, k=0) == []
@@ -208,13 +215,13 @@ def test_user_with_few_memories_among_many_similar_ones_gets_their_own_top_k(
     mine = near(query, 8, 0.08, rng)
     store.bulk_add("alice", [f"alice {i}" for i in range(8)], mine, source="test")
 
-    results = store.search("alice", query, k=5)
+    results = store.vector_neighbours("alice", query, 5)
 
     cosines = mine @ query
     expected = [f"alice {i}" for i in np.argsort(-cosines)[:5]]
-    assert [m.content for m in results] == expected
-    assert all(m.user_id == "alice" for m in results)
-    assert [m.score for m in results] == pytest.approx(sorted(cosines, reverse=True)[:5], abs=1e-5)
+    assert [m.content for m in store.get_many("alice", [i for i, _ in results])] == expected
+    assert [s for _, s in results] == pytest.approx(sorted(cosines, reverse=True)[:5], abs=1e-5)
+    assert [m.content for m in store.search("alice", query, k=5, expand_links=False)] == expected
     assert store.search("nobody", query, k=5) == []
 
 
@@ -234,7 +241,10 @@ def test_the_index_alone_would_have_missed_them(store: MemoryStore, db_path: Pat
     assert len(rows) < 5
 
 
-def test_search_over_a_large_user_uses_the_index_and_stays_per_user(store: MemoryStore) -> None:
+def test_search_over_a_large_user_uses_the_index_and_stays_per_user(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory.store, "EXACT_SCAN_MAX_ROWS", 100)  # 300 rows: the HNSW path
     rng = np.random.default_rng(3)
     query = unit(rng.standard_normal(DIM))
     mine = near(query, 300, 0.5, rng)
@@ -242,10 +252,11 @@ def test_search_over_a_large_user_uses_the_index_and_stays_per_user(store: Memor
     store.bulk_add("bob", [f"bob {i}" for i in range(300)], near(query, 300, 0.5, rng),
                    source="test")
 
-    results = store.search("alice", query, k=10)
+    found = store.vector_neighbours("alice", query, 10)
+    results = store.get_many("alice", [i for i, _ in found])
 
     assert len(results) == 10 and all(m.user_id == "alice" for m in results)
-    scores = [m.score for m in results]
+    scores = [s for _, s in found]
     assert scores == sorted(scores, reverse=True)
     exact_top = {f"alice {i}" for i in np.argsort(-(mine @ query))[:10]}
     assert len(exact_top & {m.content for m in results}) >= 8  # HNSW is approximate
@@ -298,7 +309,7 @@ def test_interactions_round_trip_with_json(store: MemoryStore, clock: Clock) -> 
         "model": "gpt-4o-mini", "provider": "openai", "stream": True, "status_code": 200,
         "error": None, "request_received": first.request_received,
         "request_sent": first.request_sent, "response": first.response, "usage": first.usage,
-        "latency_ms": 123.5, "ttft_ms": 45.25,
+        "latency_ms": 123.5, "ttft_ms": 45.25, "conversation_id": None,
     }
     assert logged[0]["error"] == "upstream timeout" and logged[0]["response"] is None
     assert [row["request_id"] for row in store.interactions(limit=2)] == ["req-3", "req-2"]
