@@ -72,10 +72,12 @@ class LearnerWorker:
     maxsize: int = 10_000
     observer: LearnerObserver = field(default_factory=_NullObserver)
     extractor: Callable[[str], list[Fact]] = extract_facts
+    maintenance_interval_s: float | None = None  # promote, expire and decay this often
 
     def __post_init__(self) -> None:
         self._queue: queue.Queue[object] = queue.Queue(self.maxsize)
         self._thread: threading.Thread | None = None
+        self._next_maintenance = time.monotonic() + (self.maintenance_interval_s or 0)
 
     def start(self) -> None:
         if self._thread is None:
@@ -91,6 +93,11 @@ class LearnerWorker:
             return False
         self.observer.queue_depth(self._queue.qsize())
         return True
+
+    def _until_maintenance(self) -> float | None:
+        if self.maintenance_interval_s is None:
+            return None
+        return max(self._next_maintenance - time.monotonic(), 0.0)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Write everything accepted so far, then end the thread."""
@@ -113,6 +120,7 @@ class LearnerWorker:
 
     def _run(self) -> None:
         while True:
+            self._maintain_if_due()
             batch, stopping = self._next_batch()
             if batch:
                 self._process(batch)
@@ -122,8 +130,20 @@ class LearnerWorker:
             if stopping:
                 return
 
+    def _maintain_if_due(self) -> None:
+        if self.maintenance_interval_s is None or time.monotonic() < self._next_maintenance:
+            return
+        self._next_maintenance = time.monotonic() + self.maintenance_interval_s
+        try:
+            self.store.maintain()
+        except Exception as exc:  # one failed pass must not stop the learner; the next one retries
+            log.error("job_failed", step="maintenance", error=repr(exc))
+
     def _next_batch(self) -> tuple[list[Exchange], bool]:
-        first = self._queue.get()
+        try:
+            first = self._queue.get(timeout=self._until_maintenance())
+        except queue.Empty:
+            return [], False
         if first is _STOP:
             return [], True
         batch = [first]

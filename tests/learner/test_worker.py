@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import datetime
 
 from learner import Exchange, LearnerWorker, assemble
@@ -91,3 +92,20 @@ def test_assemble_non_stream_and_stream():
     answer, usage = assemble(sse, stream=True)
     assert answer == {"role": "assistant", "content": "ab", "finish_reason": "length"} and usage == {"total_tokens": 9}
     assert assemble(b"not json", stream=False) == (None, None)
+
+
+def test_maintenance_runs_on_its_interval_while_idle(tmp_path):
+    passes = []
+
+    class Store:
+        def maintain(self):
+            passes.append(time.monotonic())
+            if len(passes) == 2:
+                raise RuntimeError("one bad pass")  # logged; the learner keeps going
+
+    worker = LearnerWorker(Store(), HashEmbedder(), maintenance_interval_s=0.05)  # type: ignore[arg-type]
+    worker.start()
+    time.sleep(0.4)
+    worker.stop()
+    assert len(passes) >= 4
+    assert all(b - a >= 0.04 for a, b in zip(passes, passes[1:], strict=False))
