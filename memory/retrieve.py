@@ -67,15 +67,17 @@ def retrieve(
     domains: Collection[str] | None = None,
     expand_links: bool = True,
     touch: bool = True,
+    relations: bool = True,
 ) -> list[MemoryEntry]:
-    """The user's k best current memories for a query, best first, each with `score` parts."""
+    """The user's k best current memories for a query, best first, each with `score` parts
+    (and with links and sources unless `relations` is false: the request path needs neither)."""
     if k <= 0:
         return []
     weights, now = store.weights, store.clock.now()
     n = max(3 * k, weights.candidates)
     vector = dict(store.vector_neighbours(user_id, embedding, n))
     text = dict(store.text_matches(user_id, query, n)) if query else {}
-    entries = _eligible(store.get_many(user_id, [*vector, *text]), now, tiers, domains)
+    entries = _eligible(store.get_many(user_id, [*vector, *text], relations=False), now, tiers, domains)
     _fill_similarities(store, user_id, embedding, entries, vector)
     best_text = max([text.get(i, 0.0) for i in entries] + [TEXT_SCALE])
     relevance = {
@@ -86,7 +88,7 @@ def retrieve(
         seeds = sorted(entries, key=lambda i: relevance[i], reverse=True)[: weights.link_seeds]
         link = _expand(store, user_id, seeds, relevance, weights.link_decay)
         new = [i for i in link if i not in entries]
-        added = _eligible(store.get_many(user_id, new), now, tiers, domains)
+        added = _eligible(store.get_many(user_id, new, relations=False), now, tiers, domains)
         _fill_similarities(store, user_id, embedding, added, vector)
         entries.update(added)
     results = []
@@ -101,7 +103,7 @@ def retrieve(
     results = results[:k]
     if touch:
         store.record_access(user_id, [e.id for e in results])
-    return results
+    return store.with_relations(user_id, results) if relations else results
 
 
 def _eligible(

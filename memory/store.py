@@ -713,8 +713,11 @@ class MemoryStore(InteractionLog):
         found = self.get_many(user_id, [memory_id])
         return found[0] if found else None
 
-    def get_many(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryEntry]:
-        """The user's memories with these ids, with relations and sources, in the given order."""
+    def get_many(
+        self, user_id: str, memory_ids: Sequence[str], *, relations: bool = True
+    ) -> list[MemoryEntry]:
+        """The user's memories with these ids, in the given order; with their links and
+        sources unless `relations` is false."""
         if not memory_ids:
             return []
         rows = self._cursor().execute(
@@ -723,7 +726,7 @@ class MemoryStore(InteractionLog):
         ).fetchall()
         by_id = {row[0]: _entry(row) for row in rows}
         ordered = [by_id[i] for i in dict.fromkeys(memory_ids) if i in by_id]
-        return self._with_relations(user_id, ordered)
+        return self.with_relations(user_id, ordered) if relations else ordered
 
     def list(
         self,
@@ -747,7 +750,7 @@ class MemoryStore(InteractionLog):
             f"ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
             [*params, limit, offset],
         ).fetchall()
-        return self._with_relations(user_id, [_entry(row) for row in rows])
+        return self.with_relations(user_id, [_entry(row) for row in rows])
 
     def entries_where(self, sql_filter: str, params: Sequence[Any] = ()) -> list[MemoryEntry]:
         """Every memory matching a SQL condition on `memories` (for the maintenance passes)."""
@@ -790,7 +793,7 @@ class MemoryStore(InteractionLog):
         ).fetchall()
         return [_entry(row) for row in rows]
 
-    def _with_relations(self, user_id: str, entries: list[MemoryEntry]) -> list[MemoryEntry]:
+    def with_relations(self, user_id: str, entries: list[MemoryEntry]) -> list[MemoryEntry]:
         if not entries:
             return entries
         ids = [e.id for e in entries]
@@ -880,7 +883,9 @@ class MemoryStore(InteractionLog):
         if self.has_vector_index and user_rows > EXACT_SCAN_MAX_ROWS:
             (total,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
             share = user_rows / max(total, 1)
-            fetch = min(max(n * self._overfetch, math.ceil(2 * n / share)), MAX_OVERFETCH_ROWS)
+            # The index's top rows hold about `share` of this user's: ask for enough of them.
+            fetch = n if share >= 0.99 else max(n * self._overfetch, math.ceil(2 * n / share))
+            fetch = min(fetch, MAX_OVERFETCH_ROWS)
             with self._index_lock:
                 rows = cursor.execute(_HNSW_SQL, [query, user_id, fetch]).fetchall()
             if len(rows) >= min(n, user_rows):

@@ -72,5 +72,5 @@ class Recaller:
         query = text[-MAX_QUERY_CHARS:]
         vector = await self.embedder.embed_one(query)  # type: ignore[union-attr]
         return await asyncio.to_thread(
-            self.store.search, user_id, vector, k=self.top_k, min_score=self.min_score, query=query  # type: ignore[union-attr]
+            self.store.search, user_id, vector, k=self.top_k, min_score=self.min_score, query=query, relations=False,  # type: ignore[union-attr]
         )
