@@ -37,7 +37,13 @@ from proxy.auth import KeyRing
 from proxy.chat import chat_completions
 from proxy.errors import NotFound, ProxyError, error_response
 from proxy.local import LocalUpstream
-from proxy.memories_api import forget_memory, memories_collection
+from proxy.memories_api import (
+    export_memories,
+    import_memories,
+    memories_collection,
+    memory_item,
+    wipe_memories,
+)
 from proxy.metrics import Metrics
 from proxy.middleware import RequestContextMiddleware
 from proxy.recall import Recaller
@@ -106,7 +112,10 @@ def create_app(
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/memories", memories_collection, methods=["GET", "POST"]),
-            Route("/v1/memories/{memory_id}", forget_memory, methods=["DELETE"]),
+            Route("/v1/memories/export", export_memories, methods=["GET"]),
+            Route("/v1/memories/import", import_memories, methods=["POST"]),
+            Route("/v1/memories/wipe", wipe_memories, methods=["POST"]),
+            Route("/v1/memories/{memory_id}", memory_item, methods=["GET", "PATCH", "DELETE"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
@@ -149,7 +158,8 @@ def _open_store(settings: Settings, emb: Embedder) -> MemoryStore | None:
 def _start_learner(settings, the_store, emb, metrics, stack):  # type: ignore[no-untyped-def]
     if the_store is None:
         return DroppingSink(metrics)
-    learner = LearnerWorker(the_store, emb, maxsize=settings.log_queue_size, observer=_Observer(metrics))
+    learner = LearnerWorker(the_store, emb, maxsize=settings.log_queue_size, observer=_Observer(metrics),
+                            maintenance_interval_s=settings.maintenance_interval_s)
     learner.start()
     stack.callback(learner.stop)
     return learner
