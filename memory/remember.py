@@ -144,7 +144,7 @@ def remember(
     )
     identity_since = now if "identity" in all_tags else None
     entry = _initial_tier(entry, store, identity_since, now)
-    from memory.store import Link  # the store module imports this one
+    from memory.rows import Link
 
     links = [Link(entry.id, old.id, "contradicts") for old in conflicting]
     links += [Link(entry.id, old.id, "supersedes") for old in conflicting]

@@ -33,12 +33,11 @@ search finds new rows meanwhile.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +52,6 @@ from memory import retrieve as _retrieve
 from memory import tiers as _tiers
 from memory.embed import Embedder
 from memory.entry import (
-    Confidence,
     MemoryEntry,
     MemorySource,
     MemoryType,
@@ -61,9 +59,20 @@ from memory.entry import (
     TruthCategory,
 )
 from memory.extensions import ATTACHED_NAME, connect
+from memory.indexes import IndexedSearch
 from memory.interactions import InteractionLog
 from memory.migrations import apply_migrations, check_schema_current
 from memory.relations import content_hash
+from memory.restore import RestoreQueries
+from memory.rows import (
+    EMBEDDING_DIM,
+    ENTRY_COLUMNS,
+    UPDATABLE,
+    Link,
+    entry_from_row,
+    entry_params,
+    vector_param,
+)
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -76,74 +85,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("memlane.store")
-
-EMBEDDING_DIM = 384
-MIN_DELETES_BETWEEN_REBUILDS = 16  # deletes allowed between HNSW rebuilds: max(this, rows // 4)
-EXACT_SCAN_MAX_ROWS = 4096  # a user with at most this many vectors is searched exactly
-MAX_OVERFETCH_ROWS = 4000  # the most rows one HNSW scan asks for before the user filter
-HNSW_INDEX = "memory_vectors_hnsw"
-_CREATE_HNSW = (
-    f"CREATE INDEX {HNSW_INDEX} ON memory_vectors USING HNSW (embedding) WITH (metric = 'cosine')"
-)
-
-_ENTRY_COLUMNS = (
-    "id, user_id, content, summary, content_hash, tier, truth_category, memory_type, "
-    "confidence, source_reliability, recency, corroboration_count, contradiction_count, "
-    "importance, tags, domains, entities, subject, relation, value, validated, valid_from, "
-    "valid_to, recorded_at, superseded_by, supersedes, identity_since, expires_at, "
-    "created_at, updated_at, last_accessed, access_count"
-)
-# Columns `update_entry` may set; everything else is fixed at insert.
-_UPDATABLE = frozenset(
-    {
-        "content", "summary", "content_hash", "tier", "truth_category", "memory_type",
-        "confidence", "source_reliability", "recency", "corroboration_count",
-        "contradiction_count", "importance", "tags", "domains", "entities", "subject",
-        "relation", "value", "validated", "valid_from", "valid_to", "superseded_by",
-        "supersedes", "identity_since", "expires_at", "updated_at", "last_accessed",
-        "access_count",
-    }
-)
-
-# The only form the vss planner turns into HNSW_INDEX_SCAN: ORDER BY the metric's distance
-# function, LIMIT. The WHERE is applied to the index's top rows.
-_HNSW_SQL = """
-    SELECT id, 1 - distance FROM (
-        SELECT id, array_cosine_distance(embedding, ?::FLOAT[384]) AS distance
-        FROM memory_vectors WHERE user_id = ? ORDER BY distance LIMIT ?
-    )
-"""
-# Ordering by similarity DESC is never rewritten into an index scan: an exact scan.
-_EXACT_SQL = """
-    SELECT id, array_cosine_similarity(embedding, ?::FLOAT[384]) AS score
-    FROM memory_vectors WHERE user_id = ? ORDER BY score DESC, id LIMIT ?
-"""
-# BM25 over the fts extension's tables, reading only the postings of the query's terms (the
-# extension's match_bm25 macro scores every row: ~40-70 ms at 100k rows against a few ms).
-# Query terms go through the index's own tokenizer settings: lower case, accents stripped,
-# non-letters split, English stop words dropped, Porter stems. k1 = 1.2, b = 0.75.
-_BM25_SQL = """
-    WITH q AS (
-        SELECT DISTINCT stem(w, 'porter') AS term
-        FROM (SELECT unnest(string_split_regex(lower(strip_accents(?)), '[^a-z]+')) AS w)
-        WHERE w <> '' AND w NOT IN (SELECT sw FROM fts_main_memories.stopwords)
-    ),
-    qt AS (SELECT d.termid, d.df FROM fts_main_memories.dict AS d JOIN q USING (term)),
-    tf AS (
-        SELECT t.docid, t.termid, count(*) AS tf
-        FROM fts_main_memories.terms AS t JOIN qt USING (termid) GROUP BY ALL
-    ),
-    st AS (SELECT num_docs, avgdl FROM fts_main_memories.stats)
-    SELECT m.id, sum(
-        ln(1 + (st.num_docs - qt.df + 0.5) / (qt.df + 0.5))
-        * tf.tf * 2.2 / (tf.tf + 1.2 * (0.25 + 0.75 * docs.len / st.avgdl))
-    ) AS score
-    FROM tf JOIN qt USING (termid) JOIN fts_main_memories.docs AS docs USING (docid)
-    CROSS JOIN st JOIN memories AS m ON m.id = docs.name
-    WHERE m.user_id = ?
-    GROUP BY m.id ORDER BY score DESC, m.id LIMIT ?
-"""
-
 
 class StoreClosedError(RuntimeError):
     """The store was closed."""
@@ -164,48 +105,7 @@ class SystemClock:
         return datetime.now(UTC).replace(tzinfo=None)
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    src_id: str
-    dst_id: str
-    kind: str  # related | supports | contradicts | supersedes | derived_from
-    weight: float = 1.0
-
-
-def vector_param(embedding: np.ndarray) -> list[float]:
-    """A vector as a Python list (DuckDB converts lists ~3x faster than numpy arrays)."""
-    vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
-    if vector.shape != (EMBEDDING_DIM,):
-        raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.size}")
-    if not np.all(np.isfinite(vector)) or not np.any(vector):
-        raise ValueError("embedding must be finite and non-zero")
-    return vector.tolist()
-
-
-def _entry(row: Sequence[Any]) -> MemoryEntry:
-    (id_, user_id, content, summary, digest, tier, truth, mtype, overall, reliability, recency,
-     corroborations, contradictions, importance, tags, domains, entities, subject, relation,
-     value, validated, valid_from, valid_to, recorded_at, superseded_by, supersedes,
-     identity_since, expires_at, created_at, updated_at, last_accessed, access_count) = row
-    del identity_since  # kept in the table for the promotion rule
-    return MemoryEntry(
-        id=id_, user_id=user_id, content=content, summary=summary, content_hash=digest,
-        tier=Tier(tier), truth_category=TruthCategory(truth), memory_type=MemoryType(mtype),
-        confidence=Confidence(overall, reliability, recency, corroborations, contradictions),
-        importance=importance, tags=tuple(tags), domains=tuple(domains),
-        entities=tuple(entities), subject=subject, relation=relation, value=value,
-        validated=validated, valid_from=valid_from, valid_to=valid_to, recorded_at=recorded_at,
-        superseded_by=superseded_by, supersedes=supersedes, expires_at=expires_at,
-        created_at=created_at, updated_at=updated_at, last_accessed=last_accessed,
-        access_count=access_count,
-    )
-
-
-def new_memory_id() -> str:
-    return uuid.uuid4().hex
-
-
-class MemoryStore(InteractionLog):
+class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
     """Build with `MemoryStore.open(...)`."""
 
     def __init__(
@@ -348,80 +248,6 @@ class MemoryStore(InteractionLog):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @property
-    def has_vector_index(self) -> bool:
-        return not self.encrypted
-
-    # -- derived indexes ---------------------------------------------------------------
-
-    def _ensure_indexes(self) -> None:
-        cursor = self._writable_cursor()
-        if self.has_vector_index:
-            (exists,) = cursor.execute(
-                "SELECT count(*) FROM duckdb_indexes() WHERE index_name = ?", [HNSW_INDEX]
-            ).fetchone()  # type: ignore[misc]
-            if not exists:
-                with self._write_lock, self._index_lock:
-                    cursor.execute(_CREATE_HNSW)
-        (has_fts,) = cursor.execute(
-            "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = 'fts_main_memories' "
-            "AND database_name = current_database()"
-        ).fetchone()  # type: ignore[misc]
-        if not has_fts or self._text_index_out_of_date(cursor):
-            self.refresh_text_index()
-        else:
-            self._text_index_stale = False
-
-    def _text_index_out_of_date(self, cursor: duckdb.DuckDBPyConnection) -> bool:
-        (missing,) = cursor.execute(
-            "SELECT (SELECT count(*) FROM memories) <> (SELECT count(*) FROM fts_main_memories.docs)"
-        ).fetchone()  # type: ignore[misc]
-        return bool(missing)
-
-    def refresh_text_index(self) -> None:
-        """Rebuild the BM25 index over every memory's content (~0.6 s per 100k memories)."""
-        with self._write_lock:
-            self._text_index_stale = False
-            self._writable_cursor().execute(
-                "PRAGMA create_fts_index('memories', 'id', 'content', overwrite = 1)"
-            )
-
-    def _refresh_text_index_soon(self) -> None:
-        if not self._text_index_stale or self._refreshing or self._read_only or self._closed:
-            return
-        self._refreshing = True
-
-        def run() -> None:
-            try:
-                self.refresh_text_index()
-            except Exception as exc:  # the next search retries
-                self._text_index_stale = True
-                log.warning("text_index_refresh_failed", error=repr(exc))
-            finally:
-                self._refreshing = False
-
-        try:
-            self._background.submit(run)
-        except RuntimeError:  # shutting down
-            self._refreshing = False
-
-    def _rebuild_vector_index_if_due(self, cursor: duckdb.DuckDBPyConnection) -> None:
-        """Drop and rebuild the HNSW index when deletes may be near the vss hang."""
-        if not self.has_vector_index:
-            return
-        (rows,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
-        if self._deletes_since_index_load < max(MIN_DELETES_BETWEEN_REBUILDS, rows // 4):
-            return
-        cursor.execute("BEGIN TRANSACTION")
-        try:
-            cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
-            cursor.execute(_CREATE_HNSW)
-            cursor.execute("COMMIT")
-        except BaseException:
-            cursor.execute("ROLLBACK")
-            raise
-        self._deletes_since_index_load = 0
-
     # -- writes: primitives used by remember, tiers and ownership -----------------------
 
     def insert_entry(
@@ -440,9 +266,9 @@ class MemoryStore(InteractionLog):
             cursor.execute("BEGIN TRANSACTION")
             try:
                 cursor.execute(
-                    f"INSERT INTO memories ({_ENTRY_COLUMNS}) VALUES "
+                    f"INSERT INTO memories ({ENTRY_COLUMNS}) VALUES "
                     f"({', '.join('?' for _ in range(32))})",
-                    _entry_params(entry, identity_since),
+                    entry_params(entry, identity_since),
                 )
                 cursor.execute(
                     "INSERT INTO memory_vectors VALUES (?, ?, ?::FLOAT[384])",
@@ -467,8 +293,8 @@ class MemoryStore(InteractionLog):
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         if vectors.shape != (len(entries), EMBEDDING_DIM):
             raise ValueError(f"embeddings shape {vectors.shape} does not match the entries")
-        names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
-        rows = [_entry_params(e, None) for e in entries]
+        names = [c.strip() for c in ENTRY_COLUMNS.split(",")]
+        rows = [entry_params(e, None) for e in entries]
         table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
         vec = pa.table({
             "id": [e.id for e in entries],
@@ -492,7 +318,7 @@ class MemoryStore(InteractionLog):
                 cursor.register(views[name], data)
             cursor.execute("BEGIN TRANSACTION")
             try:
-                cursor.execute(f"INSERT INTO memories ({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS} FROM {views['entries']}")
+                cursor.execute(f"INSERT INTO memories ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS} FROM {views['entries']}")
                 cursor.execute(f"INSERT INTO memory_vectors SELECT id, user_id, embedding FROM {views['vectors']}")
                 cursor.execute(f"INSERT INTO memory_sources SELECT * FROM {views['sources']}")
                 cursor.execute("COMMIT")
@@ -560,7 +386,7 @@ class MemoryStore(InteractionLog):
 
     def update_entry(self, user_id: str, memory_id: str, **changes: Any) -> bool:
         """Set columns of one of the user's memories; False if there is no such memory."""
-        unknown = set(changes) - _UPDATABLE
+        unknown = set(changes) - UPDATABLE
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")
         if not changes:
@@ -721,10 +547,10 @@ class MemoryStore(InteractionLog):
         if not memory_ids:
             return []
         rows = self._cursor().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND list_contains(?, id)",
+            f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND list_contains(?, id)",
             [user_id, list(memory_ids)],
         ).fetchall()
-        by_id = {row[0]: _entry(row) for row in rows}
+        by_id = {row[0]: entry_from_row(row) for row in rows}
         ordered = [by_id[i] for i in dict.fromkeys(memory_ids) if i in by_id]
         return self.with_relations(user_id, ordered) if relations else ordered
 
@@ -746,18 +572,18 @@ class MemoryStore(InteractionLog):
         if not include_history:
             where.append("valid_to IS NULL")
         rows = self._cursor().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE {' AND '.join(where)} "
+            f"SELECT {ENTRY_COLUMNS} FROM memories WHERE {' AND '.join(where)} "
             f"ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
             [*params, limit, offset],
         ).fetchall()
-        return self.with_relations(user_id, [_entry(row) for row in rows])
+        return self.with_relations(user_id, [entry_from_row(row) for row in rows])
 
     def entries_where(self, sql_filter: str, params: Sequence[Any] = ()) -> list[MemoryEntry]:
         """Every memory matching a SQL condition on `memories` (for the maintenance passes)."""
         rows = self._cursor().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE {sql_filter}", list(params)
+            f"SELECT {ENTRY_COLUMNS} FROM memories WHERE {sql_filter}", list(params)
         ).fetchall()
-        return [_entry(row) for row in rows]
+        return [entry_from_row(row) for row in rows]
 
     def identity_since(self, memory_id: str) -> datetime | None:
         row = self._cursor().execute(
@@ -779,19 +605,19 @@ class MemoryStore(InteractionLog):
 
     def current_by_hash(self, user_id: str, digest: str) -> MemoryEntry | None:
         rows = self._cursor().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND content_hash = ? "
+            f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND content_hash = ? "
             f"AND valid_to IS NULL ORDER BY created_at LIMIT 1",
             [user_id, digest],
         ).fetchall()
-        return _entry(rows[0]) if rows else None
+        return entry_from_row(rows[0]) if rows else None
 
     def current_by_relation(self, user_id: str, subject: str, relation: str) -> list[MemoryEntry]:
         rows = self._cursor().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND subject = ? "
+            f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ? AND subject = ? "
             f"AND relation = ? AND valid_to IS NULL ORDER BY created_at",
             [user_id, subject, relation],
         ).fetchall()
-        return [_entry(row) for row in rows]
+        return [entry_from_row(row) for row in rows]
 
     def with_relations(self, user_id: str, entries: list[MemoryEntry]) -> list[MemoryEntry]:
         if not entries:
@@ -860,63 +686,6 @@ class MemoryStore(InteractionLog):
         ).fetchall()
         return [(a, b) for a, b in rows]
 
-    # -- search primitives -------------------------------------------------------------
-
-    def _rows_of(self, user_id: str) -> int:
-        rows = self._user_rows.get(user_id)
-        if rows is None:
-            (rows,) = self._cursor().execute(
-                "SELECT count(*) FROM memory_vectors WHERE user_id = ?", [user_id]
-            ).fetchone()  # type: ignore[misc]
-            self._user_rows[user_id] = rows
-        return rows
-
-    def vector_neighbours(self, user_id: str, embedding: np.ndarray, n: int) -> list[tuple[str, float]]:
-        """The user's n memories (current or not) nearest to `embedding`: (id, cosine)."""
-        if n <= 0:
-            return []
-        query = vector_param(embedding)
-        cursor = self._cursor()
-        user_rows = self._rows_of(user_id)
-        if user_rows == 0:
-            return []
-        if self.has_vector_index and user_rows > EXACT_SCAN_MAX_ROWS:
-            (total,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
-            share = user_rows / max(total, 1)
-            # The index's top rows hold about `share` of this user's: ask for enough of them.
-            fetch = n if share >= 0.99 else max(n * self._overfetch, math.ceil(2 * n / share))
-            fetch = min(fetch, MAX_OVERFETCH_ROWS)
-            with self._index_lock:
-                rows = cursor.execute(_HNSW_SQL, [query, user_id, fetch]).fetchall()
-            if len(rows) >= min(n, user_rows):
-                rows.sort(key=lambda r: (-r[1], r[0]))
-                return [(i, float(s)) for i, s in rows[:n]]
-        rows = cursor.execute(_EXACT_SQL, [query, user_id, n]).fetchall()
-        return [(i, float(s)) for i, s in rows]
-
-    def similarities(self, user_id: str, embedding: np.ndarray, memory_ids: Sequence[str]) -> dict[str, float]:
-        if not memory_ids:
-            return {}
-        rows = self._cursor().execute(
-            "SELECT id, array_cosine_similarity(embedding, ?::FLOAT[384]) FROM memory_vectors "
-            "WHERE user_id = ? AND list_contains(?, id)",
-            [vector_param(embedding), user_id, list(memory_ids)],
-        ).fetchall()
-        return {i: float(s) for i, s in rows}
-
-    def text_matches(self, user_id: str, query: str, n: int) -> list[tuple[str, float]]:
-        """BM25 over the text index: the user's n best (id, score). Rebuilds a stale index
-        in the background; until then rows written since the last build are not seen."""
-        if n <= 0 or not query.strip():
-            return []
-        if self._text_index_stale:
-            self._refresh_text_index_soon()
-        try:
-            rows = self._cursor().execute(_BM25_SQL, [query, user_id, n]).fetchall()
-        except duckdb.CatalogException:  # not built yet (read-only store of an old file)
-            return []
-        return [(i, float(s)) for i, s in rows]
-
     # -- what users do: the rules live in remember / retrieve / tiers ------------------
 
     def add(
@@ -958,126 +727,4 @@ class MemoryStore(InteractionLog):
         if self._text_index_stale:
             self.refresh_text_index()
         return report
-
-    # -- ownership helpers (memory.ownership: export and import) -------------------------
-
-    def vectors_of(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """The stored embeddings of these memories of the user, by id."""
-        if not memory_ids:
-            return {}
-        table = self._cursor().execute(
-            "SELECT id, embedding FROM memory_vectors WHERE user_id = ? AND list_contains(?, id)",
-            [user_id, list(memory_ids)],
-        ).fetch_arrow_table()
-        if table.num_rows == 0:
-            return {}
-        vectors = table.column("embedding").combine_chunks().flatten().to_numpy()
-        vectors = vectors.reshape(-1, EMBEDDING_DIM).astype(np.float32, copy=False)
-        return dict(zip(table.column("id").to_pylist(), vectors, strict=True))
-
-    def identity_since_of(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, datetime]:
-        """`identity_since` of those memories that have one."""
-        rows = self._cursor().execute(
-            "SELECT id, identity_since FROM memories WHERE user_id = ? AND list_contains(?, id) "
-            "AND identity_since IS NOT NULL",
-            [user_id, list(memory_ids)],
-        ).fetchall()
-        return dict(rows)
-
-    def links_with_times(self, user_id: str, src_ids: Sequence[str]) -> list[tuple[Link, datetime]]:
-        """The user's links leaving these memories, as stored, with their creation times."""
-        rows = self._cursor().execute(
-            "SELECT src_id, dst_id, kind, weight, created_at FROM memory_links "
-            "WHERE user_id = ? AND list_contains(?, src_id) ORDER BY src_id, created_at, dst_id, kind",
-            [user_id, list(src_ids)],
-        ).fetchall()
-        return [(Link(s, d, k, w), t) for s, d, k, w, t in rows]
-
-    def owners_of(self, memory_ids: Sequence[str]) -> dict[str, str]:
-        """The user of each of these ids that exists (memory ids are unique across users)."""
-        if not memory_ids:
-            return {}
-        rows = self._cursor().execute(
-            "SELECT id, user_id FROM memories WHERE list_contains(?, id)", [list(memory_ids)]
-        ).fetchall()
-        return dict(rows)
-
-    def restore_entries(
-        self,
-        entries: Sequence[MemoryEntry],
-        embeddings: np.ndarray,
-        *,
-        identity_since: dict[str, datetime] | None = None,
-        links: Sequence[tuple[Link, datetime]] = (),
-    ) -> None:
-        """Insert exported memories exactly as given (sources from `entry.sources`, links with
-        their times; a link belongs to its src's user), in one transaction: no dedup, no rules."""
-        if not entries:
-            return
-        since = identity_since or {}
-        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if vectors.shape != (len(entries), EMBEDDING_DIM):
-            raise ValueError(f"embeddings shape {vectors.shape} does not match the entries")
-        users = {e.id: e.user_id for e in entries}
-        names = [c.strip() for c in _ENTRY_COLUMNS.split(",")]
-        rows = [_entry_params(e, since.get(e.id)) for e in entries]
-        text, time = pa.string(), pa.timestamp("us")
-        tables = {
-            "memories": (pa.table({n: [r[i] for r in rows] for i, n in enumerate(names)}),
-                         f"({_ENTRY_COLUMNS}) SELECT {_ENTRY_COLUMNS}"),
-            "memory_vectors": (pa.table({
-                "id": [e.id for e in entries],
-                "user_id": [e.user_id for e in entries],
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), EMBEDDING_DIM),
-            }), "SELECT *"),
-            "memory_sources": (pa.table({
-                "memory_id": pa.array([e.id for e in entries for _ in e.sources], text),
-                "user_id": pa.array([e.user_id for e in entries for _ in e.sources], text),
-                "kind": pa.array([s.kind for e in entries for s in e.sources], text),
-                "ref": pa.array([s.ref for e in entries for s in e.sources], text),
-                "extractor": pa.array([s.extractor for e in entries for s in e.sources], text),
-                "conversation_id": pa.array([s.conversation_id for e in entries for s in e.sources], text),
-                "recorded_at": pa.array([s.recorded_at or e.recorded_at for e in entries for s in e.sources], time),
-            }), "SELECT *"),
-            "memory_links": (pa.table({
-                "user_id": pa.array([users[k.src_id] for k, _ in links], text),
-                "src_id": pa.array([k.src_id for k, _ in links], text),
-                "dst_id": pa.array([k.dst_id for k, _ in links], text),
-                "kind": pa.array([k.kind for k, _ in links], text),
-                "weight": pa.array([k.weight for k, _ in links], pa.float64()),
-                "created_at": pa.array([t for _, t in links], time),
-            }), "SELECT *"),
-        }
-        views = {table: f"restore_{table}_{uuid.uuid4().hex}" for table in tables}
-        with self._write_lock, self._index_lock:
-            cursor = self._writable_cursor()
-            for table, (data, _) in tables.items():
-                cursor.register(views[table], data)
-            cursor.execute("BEGIN TRANSACTION")
-            try:
-                for table, (_, select) in tables.items():
-                    cursor.execute(f"INSERT INTO {table} {select} FROM {views[table]}")
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-            finally:
-                for view in views.values():
-                    cursor.unregister(view)
-            self._user_rows.clear()
-            self._text_index_stale = True
-
-
-def _entry_params(entry: MemoryEntry, identity_since: datetime | None) -> list[Any]:
-    c = entry.confidence
-    return [
-        entry.id, entry.user_id, entry.content, entry.summary, entry.content_hash,
-        entry.tier.value, entry.truth_category.value, entry.memory_type.value,
-        c.overall, c.source_reliability, c.recency, c.corroboration_count, c.contradiction_count,
-        entry.importance, list(entry.tags), list(entry.domains), list(entry.entities),
-        entry.subject, entry.relation, entry.value, entry.validated, entry.valid_from,
-        entry.valid_to, entry.recorded_at, entry.superseded_by, entry.supersedes,
-        identity_since, entry.expires_at, entry.created_at, entry.updated_at,
-        entry.last_accessed, entry.access_count,
-    ]
 

@@ -21,9 +21,9 @@ from memory import (
     connect,
     content_hash,
 )
-import memory.store
-from memory.store import _EXACT_SQL as EXACT_SEARCH_SQL
-from memory.store import _HNSW_SQL as HNSW_SEARCH_SQL
+import memory.indexes
+from memory.indexes import EXACT_SQL as EXACT_SEARCH_SQL
+from memory.indexes import HNSW_SQL as HNSW_SEARCH_SQL
 
 DIM = 384
 
@@ -244,7 +244,7 @@ def test_the_index_alone_would_have_missed_them(store: MemoryStore, db_path: Pat
 def test_search_over_a_large_user_uses_the_index_and_stays_per_user(
     store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(memory.store, "EXACT_SCAN_MAX_ROWS", 100)  # 300 rows: the HNSW path
+    monkeypatch.setattr(memory.indexes, "EXACT_SCAN_MAX_ROWS", 100)  # 300 rows: the HNSW path
     rng = np.random.default_rng(3)
     query = unit(rng.standard_normal(DIM))
     mine = near(query, 300, 0.5, rng)

@@ -1,0 +1,103 @@
+"""Rows of the memory tables as Python values: column lists, conversions, the link type.
+
+Shared by the store and its mixins (`memory.indexes`, `memory.restore`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from memory.entry import Confidence, MemoryEntry, MemoryType, Tier, TruthCategory
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "ENTRY_COLUMNS",
+    "UPDATABLE",
+    "Link",
+    "entry_from_row",
+    "entry_params",
+    "new_memory_id",
+    "vector_param",
+]
+
+EMBEDDING_DIM = 384
+
+ENTRY_COLUMNS = (
+    "id, user_id, content, summary, content_hash, tier, truth_category, memory_type, "
+    "confidence, source_reliability, recency, corroboration_count, contradiction_count, "
+    "importance, tags, domains, entities, subject, relation, value, validated, valid_from, "
+    "valid_to, recorded_at, superseded_by, supersedes, identity_since, expires_at, "
+    "created_at, updated_at, last_accessed, access_count"
+)
+# Columns `update_entry` may set; everything else is fixed at insert.
+UPDATABLE = frozenset(
+    {
+        "content", "summary", "content_hash", "tier", "truth_category", "memory_type",
+        "confidence", "source_reliability", "recency", "corroboration_count",
+        "contradiction_count", "importance", "tags", "domains", "entities", "subject",
+        "relation", "value", "validated", "valid_from", "valid_to", "superseded_by",
+        "supersedes", "identity_since", "expires_at", "updated_at", "last_accessed",
+        "access_count",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    src_id: str
+    dst_id: str
+    kind: str  # related | supports | contradicts | supersedes | derived_from
+    weight: float = 1.0
+
+
+def vector_param(embedding: np.ndarray) -> list[float]:
+    """A vector as a Python list (DuckDB converts lists ~3x faster than numpy arrays)."""
+    vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if vector.shape != (EMBEDDING_DIM,):
+        raise ValueError(f"embedding must have {EMBEDDING_DIM} values, got {vector.size}")
+    if not np.all(np.isfinite(vector)) or not np.any(vector):
+        raise ValueError("embedding must be finite and non-zero")
+    return vector.tolist()
+
+
+def entry_from_row(row: Sequence[Any]) -> MemoryEntry:
+    (id_, user_id, content, summary, digest, tier, truth, mtype, overall, reliability, recency,
+     corroborations, contradictions, importance, tags, domains, entities, subject, relation,
+     value, validated, valid_from, valid_to, recorded_at, superseded_by, supersedes,
+     identity_since, expires_at, created_at, updated_at, last_accessed, access_count) = row
+    del identity_since  # kept in the table for the promotion rule
+    return MemoryEntry(
+        id=id_, user_id=user_id, content=content, summary=summary, content_hash=digest,
+        tier=Tier(tier), truth_category=TruthCategory(truth), memory_type=MemoryType(mtype),
+        confidence=Confidence(overall, reliability, recency, corroborations, contradictions),
+        importance=importance, tags=tuple(tags), domains=tuple(domains),
+        entities=tuple(entities), subject=subject, relation=relation, value=value,
+        validated=validated, valid_from=valid_from, valid_to=valid_to, recorded_at=recorded_at,
+        superseded_by=superseded_by, supersedes=supersedes, expires_at=expires_at,
+        created_at=created_at, updated_at=updated_at, last_accessed=last_accessed,
+        access_count=access_count,
+    )
+
+
+def new_memory_id() -> str:
+    return uuid.uuid4().hex
+
+
+def entry_params(entry: MemoryEntry, identity_since: datetime | None) -> list[Any]:
+    c = entry.confidence
+    return [
+        entry.id, entry.user_id, entry.content, entry.summary, entry.content_hash,
+        entry.tier.value, entry.truth_category.value, entry.memory_type.value,
+        c.overall, c.source_reliability, c.recency, c.corroboration_count, c.contradiction_count,
+        entry.importance, list(entry.tags), list(entry.domains), list(entry.entities),
+        entry.subject, entry.relation, entry.value, entry.validated, entry.valid_from,
+        entry.valid_to, entry.recorded_at, entry.superseded_by, entry.supersedes,
+        identity_since, entry.expires_at, entry.created_at, entry.updated_at,
+        entry.last_accessed, entry.access_count,
+    ]
