@@ -31,7 +31,7 @@ from memory.ownership import (
 )
 from memory.relations import content_hash, parse_relation
 from memory.remember import RememberResult
-from memory.retrieve import RetrievalWeights
+from memory.retrieve import RetrievalWeights, candidate_count
 from memory.store import (
     EMBEDDING_DIM,
     Clock,
@@ -76,6 +76,7 @@ __all__ = [
     "Tier",
     "TierPolicy",
     "TruthCategory",
+    "candidate_count",
     "connect",
     "content_hash",
     "edit_memory",

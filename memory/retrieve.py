@@ -42,17 +42,25 @@ TEXT_SCALE = 6.0  # BM25 is divided by max(best BM25 of the query, this)
 
 @dataclass(frozen=True, slots=True)
 class RetrievalWeights:
+    # recency and link tuned on the development seed of bench_retrieval_quality (see
+    # docs/benchmarks-retrieval.md); they were 0.04 and 0.25: at 0.25 the same-conversation
+    # expansion pulled whole sessions of the top seeds into the results.
     vector: float = 0.55
     text: float = 0.25
-    recency: float = 0.04
+    recency: float = 0.08
     importance: float = 0.03
     confidence: float = 0.05
     frequency: float = 0.02
     tier: float = 0.04
-    link: float = 0.25
+    link: float = 0.1
     candidates: int = 30  # from each leg
     link_seeds: int = 3  # best memories whose links are followed
     link_decay: float = 0.5  # a linked memory's link part: seed relevance x this x link weight
+
+
+def candidate_count(weights: RetrievalWeights, k: int) -> int:
+    """How many candidates each leg contributes for a top-k query."""
+    return max(3 * k, weights.candidates)
 
 
 def retrieve(
@@ -68,15 +76,21 @@ def retrieve(
     expand_links: bool = True,
     touch: bool = True,
     relations: bool = True,
+    text_hits: list[tuple[str, float]] | None = None,
 ) -> list[MemoryEntry]:
     """The user's k best current memories for a query, best first, each with `score` parts
-    (and with links and sources unless `relations` is false: the request path needs neither)."""
+    (and with links and sources unless `relations` is false: the request path needs neither).
+
+    `text_hits`: the BM25 leg's result when the caller already ran it (the proxy runs it while
+    the query is being embedded)."""
     if k <= 0:
         return []
     weights, now = store.weights, store.clock.now()
-    n = max(3 * k, weights.candidates)
+    n = candidate_count(weights, k)
     vector = dict(store.vector_neighbours(user_id, embedding, n))
-    text = dict(store.text_matches(user_id, query, n)) if query else {}
+    if text_hits is None:
+        text_hits = store.text_matches(user_id, query, n) if query else []
+    text = dict(text_hits)
     entries = _eligible(store.get_many(user_id, [*vector, *text], relations=False), now, tiers, domains)
     _fill_similarities(store, user_id, embedding, entries, vector)
     best_text = max([text.get(i, 0.0) for i in entries] + [TEXT_SCALE])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from memory import BatchingEmbedder, MemoryStore
+from memory import BatchingEmbedder, MemoryStore, candidate_count
 from proxy.enrich import inject, latest_user_text
 from proxy.metrics import Metrics
 
@@ -69,8 +69,18 @@ class Recaller:
         return Recall(sent, used, "on")
 
     async def _retrieve(self, user_id: str, text: str) -> list:
+        store, embedder = self.store, self.embedder
+        assert store is not None and embedder is not None
         query = text[-MAX_QUERY_CHARS:]
-        vector = await self.embedder.embed_one(query)  # type: ignore[union-attr]
+        # The BM25 leg needs no embedding: run it on a thread while the query is embedded.
+        n = candidate_count(store.weights, self.top_k)
+        text_leg = asyncio.ensure_future(asyncio.to_thread(store.text_matches, user_id, query, n))
+        try:
+            vector = await embedder.embed_one(query)
+        except BaseException:
+            text_leg.cancel()
+            raise
         return await asyncio.to_thread(
-            self.store.search, user_id, vector, k=self.top_k, min_score=self.min_score, query=query, relations=False,  # type: ignore[union-attr]
+            store.search, user_id, vector, k=self.top_k, min_score=self.min_score, query=query,
+            relations=False, text_hits=await text_leg,
         )
