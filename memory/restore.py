@@ -135,5 +135,5 @@ class RestoreQueries:
             finally:
                 for view in views.values():
                     cursor.unregister(view)
-            self._user_rows.clear()
+            self._user_changed(None)
             self._text_index_stale = True

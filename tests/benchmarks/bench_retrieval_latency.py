@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--single-1m", action="store_true", help="also one user holding 1M")
-    parser.add_argument("--cache-dir", type=Path, default=Path("/work/scratch/bench-cache"))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--pool", type=int, default=8192, help="distinct sentences embedded")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--adds", type=int, default=1000, help="store.add sample (0: skip)")

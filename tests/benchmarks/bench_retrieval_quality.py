@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=None)
     parser.add_argument("--tune", action="store_true", help="grid-search weights on the dev seed")
     parser.add_argument("--weights", default="", help="overrides, e.g. text=0.4,link=0.1")
-    parser.add_argument("--cache-dir", type=Path, default=Path("/work/scratch/bench-cache"))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.users = args.users or (8 if args.quick else 40)
