@@ -129,7 +129,7 @@ _ADVERBS = (
     r"really|also|usually|always|never|often|sometimes|mostly|generally|actually|still|"
     r"absolutely|definitely|totally|mainly|primarily|only|rarely|seldom|occasionally|"
     r"recently|currently|already|even|truly|personally|literally|basically|normally|"
-    r"typically|regularly|frequently|kind of|sort of"
+    r"typically|regularly|frequently|now|just|finally|kind of|sort of"
 )
 _I_CLAUSE_RE = re.compile(
     r"(?P<lead>^|[,;]\s*|\b(?:and|but|so|because|since|when|while|as|or|than|where|after|"

@@ -38,8 +38,13 @@ class Relation:
     value: str  # normalised: lower case, no time phrase, no trailing punctuation
 
 
+_MONTHS = (
+    "january|february|march|april|may|june|july|august|september|october|november|december"
+)
+_ADVERB = r"(?:(?:now|still|recently|currently|also|finally|just|actually) )*"
 _WHEN = (
-    r"(?:\s+(?:last|this|next)\s+(?:year|month|week|summer|winter|spring|fall|autumn)"
+    rf"(?:\s+(?:in|since|back in)\s+(?:{_MONTHS})"
+    r"|\s+(?:last|this|next|this past)\s+(?:year|month|week|summer|winter|spring|fall|autumn)"
     r"|\s+(?:in|since)\s+\d{4}|\s+recently|\s+now|\s+\d+\s+\w+\s+ago|\s+a\s+while\s+ago)*"
 )
 _VALUE = rf"(?P<value>.+?){_WHEN}\.?$"
@@ -50,11 +55,13 @@ _POSSESSIVE = r"the user's (?P<owner>(?:[a-z-]+\s){0,2}?[a-z-]+)"
 _PATTERNS: tuple[tuple[re.Pattern[str], str, str | None], ...] = tuple(
     (re.compile(pattern), relation, subject)
     for pattern, relation, subject in (
-        (rf"^the user (?:now )?(?:lives|has lived|is living|resides|is based|has moved|moved|"
+        (rf"^the user {_ADVERB}(?:lives|has lived|is living|resides|is based|has moved|moved|"
          rf"relocated|has relocated) (?:in|to) {_VALUE}", "residence", "user"),
-        (rf"^the user (?:now )?(?:works|is working) (?:at|for) {_VALUE}", "employer", "user"),
-        (rf"^the user (?:has )?(?:joined|started working at) {_VALUE}", "employer", "user"),
-        (rf"^the user (?:now )?works as (?:an? )?{_VALUE}", "occupation", "user"),
+        (rf"^the user {_ADVERB}(?:works|is working) (?:at|for) {_VALUE}", "employer", "user"),
+        (rf"^the user {_ADVERB}(?:has )?(?:joined|started working at|"
+         rf"(?:got|has|started|took|accepted) (?:a |the )?(?:new )?(?:job|position|role) (?:at|with)) "
+         rf"{_VALUE}", "employer", "user"),
+        (rf"^the user {_ADVERB}works as (?:an? )?{_VALUE}", "occupation", "user"),
         (rf"^the user is (?P<value>\d{{1,3}})(?: years old)?{_WHEN}\.?$", "age", "user"),
         (rf"^the user's (?P<attr>name|age|birthday|email|email address|phone number|job|"
          rf"employer|address|hometown|nationality|partner|wife|husband|boyfriend|girlfriend|"

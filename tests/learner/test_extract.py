@@ -244,3 +244,7 @@ def test_sentence_over_200_characters_is_not_stored():
     long_place = "a village " + "very " * 40 + "far away"
     assert extract_facts(f"I live in {long_place}") == []
     assert _contents("I live in a village far away") == ["The user lives in a village far away."]
+
+
+def test_now_before_the_verb_keeps_the_verb_agreeing():
+    assert [f.content for f in extract_facts("I now live in Berlin")] == ["The user now lives in Berlin."]

@@ -140,3 +140,17 @@ def test_a_deleted_memory_is_found_by_no_index(store):
 def test_single_valued_relations_are_recognised(sentence, expected):
     relation = parse_relation(sentence)
     assert (None if relation is None else (relation.subject, relation.relation, relation.value)) == expected
+
+
+@pytest.mark.parametrize(
+    ("sentence", "expected"),
+    [
+        ("The user now lives in Berlin.", ("user", "residence", "berlin")),
+        ("The user relocated to Berlin in March.", ("user", "residence", "berlin")),
+        ("The user still lives in Paris.", ("user", "residence", "paris")),
+        ("The user got a new job at Acme.", ("user", "employer", "acme")),
+    ],
+)
+def test_adverbs_dates_and_new_jobs_do_not_hide_the_relation(sentence, expected):
+    relation = parse_relation(sentence)
+    assert relation is not None and (relation.subject, relation.relation, relation.value) == expected
