@@ -44,8 +44,10 @@ from proxy.memories_api import (
     memory_item,
     wipe_memories,
 )
+from proxy.messages import count_tokens, messages
 from proxy.metrics import Metrics
 from proxy.middleware import RequestContextMiddleware
+from proxy.passthrough import completions, embeddings
 from proxy.recall import Recaller
 from proxy.settings import Settings
 from proxy.state import AppState, DroppingSink
@@ -70,6 +72,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(_http_client(settings))
+            app.state.http_client = client  # byte passthrough endpoints (proxy/passthrough.py)
             emb = embedder or build_embedder(settings)
             the_store = store or _open_store(settings, emb)
             model = local_model or LocalModel(
@@ -110,6 +113,10 @@ def create_app(
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/memories", memories_collection, methods=["GET", "POST"]),
             Route("/v1/memories/export", export_memories, methods=["GET"]),

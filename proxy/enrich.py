@@ -4,7 +4,8 @@ Claude gets an XML ``<user_profile>`` block, OpenAI-style targets a system messa
 memories as a delimited list, Ollama and local models a plain context block. In every format a
 memory is one line of escaped text: it cannot close the surrounding tag, open a new one or start
 a new list item. The block is capped at a token budget (estimated at 4 characters a token, the
-usual rule for English with BPE tokenizers), best memories first.
+usual rule for English with BPE tokenizers), best memories first. Requests in Anthropic's own
+Messages format (``/v1/messages``) get the ``<user_profile>`` block in their ``system`` instead.
 """
 
 from __future__ import annotations
@@ -83,4 +84,34 @@ def latest_user_text(messages: Sequence[dict]) -> str | None:
             parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             return "\n".join(p for p in parts if isinstance(p, str)) or None
         return None
+    return None
+
+
+def inject_system(body: dict, block: str) -> dict:
+    """An Anthropic Messages body with ``block`` added to the end of its ``system``.
+
+    Only ``system`` changes. A string system gets the block after a blank line; a list of content
+    blocks gets one more text block at its end, so the client's own blocks (and the prompt-cache
+    breakpoints on them) stay exactly as sent; no system at all becomes the block.
+    """
+    system = body.get("system")
+    if isinstance(system, list):
+        return {**body, "system": [*system, {"type": "text", "text": block}]}
+    if isinstance(system, str) and system.strip():
+        return {**body, "system": f"{system}\n\n{block}"}
+    return {**body, "system": block}
+
+
+def latest_prompt_text(messages: Sequence[dict]) -> str | None:
+    """The text of the last user message that has any: what to recall memories for.
+
+    Agents answer tool calls with user turns that hold only ``tool_result`` blocks; those are
+    skipped, so every step of one task recalls for the request that started it.
+    """
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        text = latest_user_text([message])
+        if text and text.strip():
+            return text
     return None

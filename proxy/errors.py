@@ -1,8 +1,10 @@
-"""Typed errors and the one place that renders them in OpenAI's shape.
+"""Typed errors and the one place that renders them in OpenAI's shape (Anthropic's on ``/v1/messages``).
 
 Every failure a client can see is a ``ProxyError`` subclass carrying its HTTP status, OpenAI
 error ``type`` and ``code``. Exceptions from httpx and litellm are translated once, at the
-upstream boundary (``proxy/upstream.py``), with ``raise ... from exc``.
+upstream boundary (``proxy/upstream.py``), with ``raise ... from exc``. The Anthropic rendering
+derives its error ``type`` from the status, unless the error carries an Anthropic upstream's own
+(``anthropic_type``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    anthropic_type: str | None = None  # an Anthropic upstream's own error type, kept as it said
 
     def __init__(
         self,
@@ -114,3 +117,38 @@ def error_response(err: ProxyError, *, request_id: str | None = None) -> Respons
 def sse_error_event(err: ProxyError) -> bytes:
     """After a stream has started, an error is a final ``data:`` event, never a new status."""
     return b"data: " + json.dumps(err.body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+# Anthropic's error types by status (docs.anthropic.com, "Errors"); 502 has none of its own.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_body(err: ProxyError) -> dict[str, Any]:
+    kind = err.anthropic_type or _ANTHROPIC_TYPES.get(
+        err.status, "invalid_request_error" if 400 <= err.status < 500 else "api_error"
+    )
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def anthropic_error_response(err: ProxyError, *, request_id: str | None = None) -> Response:
+    """``{"type": "error", "error": {"type", "message"}}`` with the error's status and headers."""
+    headers = dict(err.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return Response(json.dumps(anthropic_body(err)), status_code=err.status, media_type="application/json",
+                    headers=headers)
+
+
+def anthropic_sse_error_event(err: ProxyError) -> bytes:
+    """After an Anthropic stream has started, an error is a final ``event: error``."""
+    return b"event: error\ndata: " + json.dumps(anthropic_body(err)).encode() + b"\n\n"

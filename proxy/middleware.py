@@ -22,7 +22,10 @@ log = structlog.get_logger("memlane.http")
 
 _INCOMING_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 KNOWN_ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/v1/memories"}
+    {
+        "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/embeddings",
+        "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/v1/memories",
+    }
 )
 
 
