@@ -76,7 +76,6 @@ class ScoreParts:
     total: float
     vector: float = 0.0  # cosine similarity to the query
     text: float = 0.0  # BM25 over the query, scaled by the best BM25 of this query
-    fusion: float = 0.0  # reciprocal-rank fusion of the vector and text ranks, 1 = first in both
     recency: float = 0.0
     importance: float = 0.0
     confidence: float = 0.0

@@ -38,7 +38,6 @@ TIER_VALUE = {Tier.SHORT_TERM: 0.4, Tier.LONG_TERM: 0.7, Tier.PERSISTENT: 1.0}
 LINK_KINDS = {"supports": 1.0, "related": 0.8, "derived_from": 0.8}
 CONVERSATION_LINK = 0.6  # weight of "learned in the same conversation"
 TEXT_SCALE = 6.0  # BM25 is divided by max(best BM25 of the query, this)
-RRF_K = 60  # reciprocal-rank fusion constant of the `fusion` part
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,6 @@ class RetrievalWeights:
     frequency: float = 0.02
     tier: float = 0.04
     link: float = 0.1
-    fusion: float = 0.0  # reciprocal-rank fusion of the two legs' ranks
     candidates: int = 30  # from each leg
     link_seeds: int = 3  # best memories whose links are followed
     link_decay: float = 0.5  # a linked memory's link part: seed relevance x this x link weight
@@ -89,12 +87,10 @@ def retrieve(
         return []
     weights, now = store.weights, store.clock.now()
     n = candidate_count(weights, k)
-    vector_hits = store.vector_neighbours(user_id, embedding, n)
-    vector = dict(vector_hits)
+    vector = dict(store.vector_neighbours(user_id, embedding, n))
     if text_hits is None:
         text_hits = store.text_matches(user_id, query, n) if query else []
     text = dict(text_hits)
-    fusion = _fusion(vector_hits, text_hits)
     entries = _eligible(store.get_many(user_id, [*vector, *text], relations=False), now, tiers, domains)
     _fill_similarities(store, user_id, embedding, entries, vector)
     best_text = max([text.get(i, 0.0) for i in entries] + [TEXT_SCALE])
@@ -115,7 +111,7 @@ def retrieve(
         if max(relevance.get(memory_id, vector.get(memory_id, 0.0)), link_score) < min_score:
             continue
         parts = _parts(entry, vector.get(memory_id, 0.0), text.get(memory_id, 0.0) / best_text,
-                       fusion.get(memory_id, 0.0), link_score, via, now, weights, store)
+                       link_score, via, now, weights, store)
         results.append(replace(entry, score=parts))
     results.sort(key=lambda e: (-e.score.total, e.id))  # type: ignore[union-attr]
     results = results[:k]
@@ -170,18 +166,8 @@ def _expand(
     return reached
 
 
-def _fusion(*legs: list[tuple[str, float]]) -> dict[str, float]:
-    """Reciprocal-rank fusion of the legs, scaled so that first in every leg is 1."""
-    fused: dict[str, float] = {}
-    for leg in legs:
-        for rank, (memory_id, _) in enumerate(leg, start=1):
-            fused[memory_id] = fused.get(memory_id, 0.0) + 1.0 / (RRF_K + rank)
-    best = len(legs) / (RRF_K + 1)
-    return {memory_id: value / best for memory_id, value in fused.items()}
-
-
 def _parts(
-    entry: MemoryEntry, vector: float, text: float, fusion: float, link: float, via: str | None,
+    entry: MemoryEntry, vector: float, text: float, link: float, via: str | None,
     now: datetime, weights: RetrievalWeights, store: MemoryStore,
 ) -> ScoreParts:
     recency = recency_of(entry, now, store.tier_policy)
@@ -189,7 +175,6 @@ def _parts(
     parts = {
         "vector": max(vector, 0.0),
         "text": text,
-        "fusion": fusion,
         "recency": recency,
         "importance": entry.importance,
         "confidence": entry.confidence.overall,

@@ -71,8 +71,7 @@ RRF_K = 60
 DEV_SEED, HELD_OUT_SEED = 1, 2
 METHODS = ("bm25", "vector", "rrf", "memlane")
 DIAGNOSTICS = ("rrf_current", "memlane_noweights")
-PARTS = ("vector", "text", "fusion", "recency", "importance", "confidence", "frequency", "tier",
-         "link")
+PARTS = ("vector", "text", "recency", "importance", "confidence", "frequency", "tier", "link")
 
 
 class FakeClock:
@@ -276,7 +275,6 @@ def tune(results: list[QuestionResult], base: RetrievalWeights) -> list[tuple[fl
     ratios matter), ranked by the smallest margin over the best baseline at any k."""
     grid = {
         "text": (0.05, 0.1, 0.25),
-        "fusion": (0.0, 0.25, 0.5, 1.0),
         "recency": (0.0, 0.04, 0.08, 0.12),
         "confidence": (0.0, 0.05),
         "tier": (0.0, 0.04),

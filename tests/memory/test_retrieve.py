@@ -50,8 +50,7 @@ def test_every_result_explains_its_score(store):
     assert parts.total == pytest.approx(
         w.vector * parts.vector + w.text * parts.text + w.recency * parts.recency
         + w.importance * parts.importance + w.confidence * parts.confidence
-        + w.frequency * parts.frequency + w.tier * parts.tier + w.link * parts.link
-        + w.fusion * parts.fusion, abs=1e-5)
+        + w.frequency * parts.frequency + w.tier * parts.tier + w.link * parts.link, abs=1e-5)
 
 
 def test_the_text_leg_finds_a_rare_word_the_vectors_miss(store):
