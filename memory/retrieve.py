@@ -43,7 +43,7 @@ TEXT_SCALE = 6.0  # BM25 is divided by max(best BM25 of the query, this)
 @dataclass(frozen=True, slots=True)
 class RetrievalWeights:
     # recency and link tuned on the development seed of bench_retrieval_quality (see
-    # docs/benchmarks-retrieval.md); they were 0.04 and 0.25: at 0.25 the same-conversation
+    # docs/benchmarks.md); they were 0.04 and 0.25: at 0.25 the same-conversation
     # expansion pulled whole sessions of the top seeds into the results.
     vector: float = 0.55
     text: float = 0.25
