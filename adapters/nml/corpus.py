@@ -3,7 +3,7 @@
 Source: ``pydoc_data.topics.topics``, the dict of ~80 Language Reference / library topics
 ("assignment", "exceptions", "formatstrings", ...) that ships inside every CPython install
 (Lib/pydoc_data/topics.py, generated from the CPython docs, PSF licence). Under Python 3.11.7
-it holds 464,970 characters of English technical prose with code. It needs no network and no
+it holds 466,273 bytes (UTF-8) of English technical prose with code. It needs no network and no
 download; it changes only with the Python version, whose version string ``corpus_info``
 reports alongside a SHA-256 of the text so a figure can name exactly what it was measured on.
 

@@ -20,8 +20,8 @@ training; "learning while it runs" is only ever a change of that state.
 Plasticity boundaries fall every ``plasticity_span`` tokens of the stream (absolute positions,
 so they do not depend on how the stream is cut into segments). Between two boundaries the
 memories are read-only; at a boundary the neuromodulators may commit. Commit gates are hard
-(0 or 1) in the forward pass and pass gradients straight through to their probabilities, so
-training and inference see the same sparse writes.
+(0 or 1) in the forward pass and pass gradients straight through to their probabilities; in
+training they open with their probability (exploration), in eval mode when it exceeds 0.5.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ State = dict[str, torch.Tensor]
 @dataclass
 class NMLConfig:
     vocab_size: int = 256  # byte-level tokens: no tokenizer download, any text works
-    d_model: int = 256  # residual width D
+    d_model: int = 512  # residual width D (defaults: the seed's GPU size; CPU runs use presets)
     n_blocks: int = 4  # B: blocks; each has its own working memory and episodic memory
-    n_layers: int = 2  # L: NML layers per block; each owns one PM instance (B x L instances)
-    d_hidden: int = 256  # D_h: width of an NML layer's recurrent state and of its PM slots
-    n_heads: int = 4  # working-memory attention heads
+    n_layers: int = 8  # L: NML layers per block; each owns one PM instance (B x L = 32 instances)
+    d_hidden: int = 512  # D_h: width of an NML layer's recurrent state and of its PM slots
+    n_heads: int = 8  # working-memory attention heads
     window: int = 256  # W: tokens the working memory attends to (itself included)
     mlp_mult: int = 2  # feed-forward width after each NML layer, times D
     plasticity_span: int = 16  # P: tokens between plasticity boundaries
@@ -53,7 +53,7 @@ class NMLConfig:
     pm_topk: int = 2  # slots one PM commit writes (softmax-weighted top-k)
     em_items: int = 256  # M: episodic items per block
     em_topk: int = 4  # k_ret: items each token retrieves, read as latent tokens
-    em_dim: int = 64  # key/value width of episodic items
+    em_dim: int = 128  # key/value width of episodic items
     em_writes_per_span: int = 8  # most EM items one boundary can write (the gate picks fewer)
     max_decay: float = 0.2  # upper bound of the neuromodulated strength decay per boundary
     neuromod_hidden: int = 64  # width of the neuromodulator MLPs
@@ -77,6 +77,7 @@ class NMLConfig:
 class Step:
     """What every module of one forward pass shares."""
 
+    pos: int  # stream position of the first token
     spans: list[tuple[int, int, bool]]  # (start, end, ends at a plasticity boundary)
     pm: bool  # use procedural memory (False: as if it did not exist; its state passes through)
     em: bool  # use episodic memory (likewise)
@@ -101,9 +102,18 @@ def plasticity_spans(pos: int, steps: int, span: int) -> list[tuple[int, int, bo
     return out
 
 
-def straight_through(p: torch.Tensor) -> torch.Tensor:
-    """1 where p > 0.5 else 0 in the forward pass; the gradient of p in the backward pass."""
-    return (p > 0.5).to(p.dtype) + p - p.detach()
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last dim, smooth at 0 (F.normalize's gradient is NaN at a zero vector,
+    e.g. an empty slot or the zero "previous token" at the start of a stream)."""
+    return x * torch.rsqrt(x.pow(2).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def straight_through(p: torch.Tensor, sample: bool) -> torch.Tensor:
+    """A hard 0/1 gate in the forward pass whose gradient is that of p (straight-through).
+    sample=True (training) opens it with probability p, so a write the controller has learnt to
+    skip still happens now and then and can prove useful again; otherwise it opens when p > 0.5."""
+    hard = torch.bernoulli(p.detach()) if sample else (p > 0.5).to(p.dtype)
+    return hard + p - p.detach()
 
 
 def shift_right(u: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -127,8 +137,11 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def read_slots(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, strength: torch.Tensor, beta: torch.Tensor
 ) -> torch.Tensor:
-    """Attention over memory entries plus a null entry (logit 0), strength as a log prior.
-    q: (B, t, E); keys, values: (B, t, n, E) or (B, n, E); strength: same minus E -> (B, t, E)."""
+    """Attention over memory entries plus a null entry (logit 0). Strength enters twice: as a
+    log prior on the logits (an empty entry, strength 0, is never read) and as the scale of the
+    value read, so the gradient that says "this write helped" does not vanish once the softmax
+    has settled on the entry. q: (B, t, E); keys, values: (B, t, n, E) or (B, n, E);
+    strength: same minus E -> (B, t, E)."""
     if keys.dim() == 3:  # shared by every query: (B, n, E)
         scores = torch.einsum("bte,bne->btn", q, keys.to(q.dtype))  # (B, t, n)
         strength = strength.unsqueeze(1).expand(-1, q.shape[1], -1)  # (B, t, n)
@@ -137,7 +150,7 @@ def read_slots(
         scores = torch.einsum("bte,btne->btn", q, keys.to(q.dtype))  # (B, t, n)
     logits = beta * scores + torch.log(strength.to(scores.dtype) + 1e-6)  # (B, t, n)
     logits = torch.cat([logits, logits.new_zeros(*logits.shape[:2], 1)], dim=-1)  # (B, t, n + 1)
-    weights = torch.softmax(logits.float(), dim=-1)[..., :-1]  # (B, t, n): the null entry dropped
+    weights = torch.softmax(logits.float(), dim=-1)[..., :-1] * strength  # (B, t, n): null dropped
     return torch.einsum("btn,btne->bte", weights, values.expand(-1, q.shape[1], -1, -1).float())
 
 
@@ -154,8 +167,12 @@ class PMNeuromodulator(nn.Module):
         )
         self.sim_weight = nn.Parameter(torch.tensor(4.0))  # prefer the slot already holding this key
         self.weak_weight = nn.Parameter(torch.tensor(4.0))  # ... else the weakest slot
-        with torch.no_grad():
-            self.mlp[-1].bias[:3].copy_(torch.tensor([1.0, 1.0, -4.0]))  # commit often, low decay
+        self.reset_biases()
+
+    def reset_biases(self) -> None:
+        with torch.no_grad():  # commit often, nearly replacing the slot, and decay little at first
+            self.mlp[-1].bias.zero_()
+            self.mlp[-1].bias[:3].copy_(torch.tensor([1.0, 3.0, -4.0]))
 
     def forward(
         self, ek: torch.Tensor, ev: torch.Tensor, summary: torch.Tensor, strength: torch.Tensor,
@@ -169,13 +186,15 @@ class PMNeuromodulator(nn.Module):
 
 
 class ProceduralMemory(nn.Module):
-    """r fast low-rank slots: y = sum_i softmax_i(beta k_i.q + log s_i) v_i, O(r * D_h) per token.
+    """r fast low-rank slots: y = sum_i s_i softmax_i(beta k_i.q + log s_i) v_i, O(r * D_h) per token.
 
     Every token adds its pre activity (key of the previous token) and post activity (value of
     this token) to eligibility traces e = rho * e + (1 - rho) * x (the same affine scan as the
     layer). At a boundary the neuromodulator may commit the traces into its top-k slots:
-    k <- normalize(k + eta (e_k - k)), v <- v + eta (e_v - v), s <- s + eta (1 - s), with
-    eta = commit * strength * slot weight, after all strengths decayed by (1 - decay).
+    k <- k + eta (e_k / |e_k| - k), v <- v + eta (e_v - v), s <- s + eta (1 - s), with
+    eta = commit * strength * slot weight, after all strengths decayed by (1 - decay). Keys are
+    normalized when read, not when stored: renormalizing an untouched empty slot at every
+    boundary would multiply its gradient by 1/eps each time.
     """
 
     def __init__(self, cfg: NMLConfig) -> None:
@@ -185,7 +204,7 @@ class ProceduralMemory(nn.Module):
         self.key = nn.Linear(cfg.d_model, dp, bias=False)  # shared by queries and stored keys
         self.value = nn.Linear(cfg.d_model, dp, bias=False)
         self.out = nn.Linear(dp, cfg.d_model, bias=False)
-        self.trace_logit = nn.Parameter(torch.zeros(dp))  # rho = sigmoid(.) per channel
+        self.trace_logit = nn.Parameter(torch.full((dp,), -1.0))  # rho = sigmoid(.) per channel, ~0.27
         self.beta = nn.Parameter(torch.tensor(30.0))  # sharpness of slot matching (keys are unit vectors)
         self.neuromod = PMNeuromodulator(cfg)
 
@@ -200,10 +219,10 @@ class ProceduralMemory(nn.Module):
 
     def traces(self, u: torch.Tensor, prev: torch.Tensor, state: State, p: str):
         """Eligibility traces at every position: (B, T, Dp) twice."""
-        ck = F.normalize(self.key(shift_right(u, prev)).float(), dim=-1)  # pre: (B, T, Dp)
+        ck = unit(self.key(shift_right(u, prev)).float())  # pre: (B, T, Dp)
         cv = self.value(u).float()  # post: (B, T, Dp)
         if not self.cfg.use_eligibility:  # ablation: only the boundary token's own activity
-            return F.normalize(self.key(u).float(), dim=-1), cv
+            return unit(self.key(u).float()), cv
         rho = torch.sigmoid(self.trace_logit).expand_as(ck)  # (B, T, Dp)
         ek = scan(rho, (1 - rho) * ck, state[p + "pm_ek"])  # (B, T, Dp)
         ev = scan(rho, (1 - rho) * cv, state[p + "pm_ev"])  # (B, T, Dp)
@@ -211,16 +230,16 @@ class ProceduralMemory(nn.Module):
 
     def commit(self, ek, ev, summary, k, v, s, step: Step):
         """One boundary: returns the new (k, v, s). ek, ev: (B, Dp); k, v: (B, r, Dp); s: (B, r)."""
-        sim = torch.einsum("brd,bd->br", k, F.normalize(ek, dim=-1))  # (B, r)
+        sim = torch.einsum("brd,bd->br", unit(k), unit(ek))  # (B, r)
         commit, alpha, decay_logit, slot_logits = self.neuromod(ek, ev, summary, s, sim)
         step.add("pm_commit_prob", commit.sum())
-        gate = straight_through(commit) if self.cfg.use_commit_gate else torch.ones_like(commit)
+        gate = straight_through(commit, self.training) if self.cfg.use_commit_gate else torch.ones_like(commit)
         step.add("pm_commits", gate.detach().sum())
         step.add("pm_boundaries", float(commit.shape[0]))
         if self.cfg.use_decay:
             s = s * (1 - self.cfg.max_decay * torch.sigmoid(decay_logit)).unsqueeze(-1)  # (B, r)
         eta = (gate * alpha).unsqueeze(-1) * topk_weights(slot_logits, self.cfg.pm_topk)  # (B, r)
-        k = F.normalize(k + eta.unsqueeze(-1) * (F.normalize(ek, dim=-1).unsqueeze(1) - k), dim=-1)
+        k = k + eta.unsqueeze(-1) * (unit(ek).unsqueeze(1) - k)  # (B, r, Dp), normalized when read
         v = v + eta.unsqueeze(-1) * (ev.unsqueeze(1) - v)  # (B, r, Dp)
         s = s + eta * (1 - s)  # (B, r)
         return k, v, s
@@ -230,10 +249,10 @@ class ProceduralMemory(nn.Module):
         """u: (B, T, D) normalized layer input -> PM read-out (B, T, D); new slots into ``new``."""
         k, v, s = state[p + "pm_k"], state[p + "pm_v"], state[p + "pm_s"]
         ek, ev = self.traces(u, prev, state, p)  # (B, T, Dp) x 2
-        q = F.normalize(self.key(u).float(), dim=-1)  # (B, T, Dp)
+        q = unit(self.key(u).float())  # (B, T, Dp)
         reads = []
         for start, end, boundary in step.spans:
-            reads.append(read_slots(q[:, start:end], k, v, s, self.beta))  # (B, t, Dp)
+            reads.append(read_slots(q[:, start:end], unit(k), v, s, self.beta))  # (B, t, Dp)
             if boundary and step.plastic:
                 summary = u[:, start:end].mean(dim=1).float()  # (B, D)
                 k, v, s = self.commit(ek[:, end - 1], ev[:, end - 1], summary, k, v, s, step)
@@ -290,7 +309,8 @@ class NMLLayer(nn.Module):
 
 class WorkingMemory(nn.Module):
     """Sliding-window causal attention: each token sees itself and the W - 1 before it, across
-    segment edges through a cache of the last W - 1 keys and values."""
+    segment edges through a fixed-size cache of the last W - 1 keys and values (entries from
+    before the stream started are masked out)."""
 
     def __init__(self, cfg: NMLConfig) -> None:
         super().__init__()
@@ -301,10 +321,10 @@ class WorkingMemory(nn.Module):
 
     def init_state(self, batch: int, device: torch.device) -> State:
         hd = self.cfg.d_model // self.cfg.n_heads
-        empty = torch.zeros(batch, self.cfg.n_heads, 0, hd, device=device)
+        empty = torch.zeros(batch, self.cfg.n_heads, self.cfg.window - 1, hd, device=device)
         return {"wm_k": empty, "wm_v": empty.clone()}
 
-    def forward(self, x: torch.Tensor, state: State, p: str, new: State) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State, p: str, step: Step, new: State) -> torch.Tensor:
         bsz, steps, dim = x.shape
         heads = self.cfg.n_heads
         q, k, v = self.qkv(self.norm(x)).view(bsz, steps, 3, heads, dim // heads).unbind(2)
@@ -314,7 +334,7 @@ class WorkingMemory(nn.Module):
         cached = k.shape[2] - steps
         i = torch.arange(steps, device=x.device).unsqueeze(1) + cached  # (T, 1) query positions
         j = torch.arange(k.shape[2], device=x.device).unsqueeze(0)  # (1, c + T) key positions
-        mask = (j <= i) & (j > i - self.cfg.window)  # (T, c + T)
+        mask = (j <= i) & (j > i - self.cfg.window) & (j >= cached - step.pos)  # (T, c + T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         keep = self.cfg.window - 1
         new[p + "wm_k"], new[p + "wm_v"] = k[:, :, -keep:].float(), v[:, :, -keep:].float()
@@ -332,8 +352,11 @@ class EMNeuromodulator(nn.Module):
             nn.Linear(cfg.neuromod_hidden, 1),
         )
         self.decay = nn.Linear(cfg.d_model + 1, 1)
-        with torch.no_grad():
-            self.write[-1].bias.fill_(1.0)  # write often at first; the write cost teaches restraint
+        self.reset_biases()
+
+    def reset_biases(self) -> None:
+        with torch.no_grad():  # write often at first (the write cost teaches restraint), decay little
+            self.write[-1].bias.fill_(1.0)
             self.decay.bias.fill_(-4.0)
 
     def forward(self, u: torch.Tensor, u_prev: torch.Tensor, novelty: torch.Tensor):
@@ -347,9 +370,10 @@ class EMNeuromodulator(nn.Module):
 class EpisodicMemory(nn.Module):
     """M items per block. Each token reads its top-k items (by key match) as k latent tokens it
     attends to, with a null option. At a boundary the neuromodulator picks up to
-    ``em_writes_per_span`` tokens of the span; each chosen token whose gate is open writes
-    (key of the previous token, value of this token) over the weakest item, with its write
-    probability as strength, after the store decayed. M is fixed, so memory stays bounded."""
+    ``em_writes_per_span`` tokens of the span as candidates; each whose gate is open replaces
+    one of the weakest items with (key of the previous token, value of this token) and its
+    write probability as strength. Strengths decay at each boundary. M is fixed, so memory
+    stays bounded."""
 
     def __init__(self, cfg: NMLConfig) -> None:
         super().__init__()
@@ -382,24 +406,26 @@ class EpisodicMemory(nn.Module):
         step.add("em_tokens", float(prob.numel()))
         n = min(self.cfg.em_writes_per_span, prob.shape[1])
         top_p, top_i = prob.topk(n, dim=-1)  # (B, n)
-        gate = straight_through(top_p) if self.cfg.use_commit_gate else torch.ones_like(top_p)
+        gate = straight_through(top_p, self.training) if self.cfg.use_commit_gate else torch.ones_like(top_p)
         step.add("em_writes", gate.detach().sum())
         if self.cfg.use_decay:
             s = s * (1 - self.cfg.max_decay * torch.sigmoid(decay_logit)).unsqueeze(-1)  # (B, M)
         slots = s.topk(n, dim=-1, largest=False).indices  # (B, n): the weakest items
-        g = gate.unsqueeze(-1)  # (B, n, 1)
-        old_k, old_v = gather_rows(k, slots), gather_rows(v, slots)  # (B, n, E)
-        new_k = old_k + g * (gather_rows(ck, top_i) - old_k)
-        new_v = old_v + g * (gather_rows(cv, top_i) - old_v)
-        new_s = torch.gather(s, 1, slots) + gate * (top_p - torch.gather(s, 1, slots))  # (B, n)
+        # an open gate replaces a weakest item, with strength gate * p: the gate's gradient acts
+        # through the strength; a closed gate leaves that item as it was
+        opened = gate.detach()  # (B, n) of 0/1
+        old_k, old_v, old_s = gather_rows(k, slots), gather_rows(v, slots), torch.gather(s, 1, slots)
+        new_k = old_k + opened.unsqueeze(-1) * (gather_rows(ck, top_i) - old_k)  # (B, n, E)
+        new_v = old_v + opened.unsqueeze(-1) * (gather_rows(cv, top_i) - old_v)
+        new_s = old_s + opened * (gate * top_p - old_s)  # (B, n)
         index = slots.unsqueeze(-1).expand(-1, -1, k.shape[-1])
         return k.scatter(1, index, new_k), v.scatter(1, index, new_v), s.scatter(1, slots, new_s)
 
     def forward(self, x: torch.Tensor, state: State, p: str, step: Step, new: State) -> torch.Tensor:
         u = self.norm(x)  # (B, T, D)
         u_prev = shift_right(u, state[p + "em_prev"])  # (B, T, D)
-        q = F.normalize(self.key(u).float(), dim=-1)  # (B, T, E)
-        ck = F.normalize(self.key(u_prev).float(), dim=-1)  # (B, T, E): key = the token before
+        q = unit(self.key(u).float())  # (B, T, E)
+        ck = unit(self.key(u_prev).float())  # (B, T, E): key = the token before
         cv = self.value(u).float()  # (B, T, E)
         k, v, s = state[p + "em_k"], state[p + "em_v"], state[p + "em_s"]
         reads = []
@@ -433,7 +459,7 @@ class NMLBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: State, p: str, step: Step, new: State) -> torch.Tensor:
         for j, layer in enumerate(self.layers):
             x = layer(x, state, f"{p}l{j}.", step, new)
-        x = x + self.wm(x, state, p, new)
+        x = x + self.wm(x, state, p, step, new)
         if self.em is not None:
             if step.em:
                 x = x + self.em(x, state, p, step, new)
@@ -459,11 +485,16 @@ class NMLModel(nn.Module):
         self.blocks = nn.ModuleList(NMLBlock(cfg) for _ in range(cfg.n_blocks))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.apply(self._init_weights)
+        for module in self.modules():  # the neuromodulators' output biases set their starting behaviour
+            if isinstance(module, PMNeuromodulator | EMNeuromodulator):
+                module.reset_biases()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -487,7 +518,7 @@ class NMLModel(nn.Module):
             state = self.init_state(tokens.shape[0], tokens.device)
         pos = int(state["pos"])
         spans = plasticity_spans(pos, tokens.shape[1], self.cfg.plasticity_span)
-        step = Step(spans, pm, em, plastic)
+        step = Step(pos, spans, pm, em, plastic)
         new: State = {"pos": state["pos"] + tokens.shape[1]}
         x = self.embed(tokens)  # (B, T, D)
         for i, block in enumerate(self.blocks):
@@ -499,8 +530,9 @@ class NMLModel(nn.Module):
 
 
 def detach_state(state: State) -> State:
-    """The same state without autograd history: what TBPTT carries to the next segment."""
-    return {k: v.detach() for k, v in state.items()}
+    """The same state without autograd history: what TBPTT carries to the next segment.
+    Cloned, so slices such as h[:, -1] stop holding their whole segment's tensor alive."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def memory_footprint(state: State) -> int:

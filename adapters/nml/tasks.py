@@ -123,3 +123,25 @@ def write_rates(totals: dict[str, float]) -> dict[str, float]:
     if totals.get("em_tokens"):
         rates["em_write_rate"] = totals["em_writes"] / totals["em_tokens"]
     return rates
+
+
+def task_source(task: str, batch: int, length: int, *, span: int, n_pairs: int = 8, gap: int = 300):
+    """A training source ``gen -> (inputs, targets)`` for ``train``: "text" (the offline corpus),
+    "mqar" or "assoc". Profile facts are evaluated on a model trained on mqar."""
+    if task == "text":
+        from adapters.nml.corpus import corpus_split, text_batch
+
+        stream, _ = corpus_split()
+        return lambda gen: text_batch(stream, batch, length, gen)
+    makers = {
+        "mqar": lambda gen: mqar(batch, n_pairs, length, gap, gen=gen),
+        "assoc": lambda gen: assoc_retrieval(batch, n_pairs, span, gap, gen=gen),
+    }
+    if task not in makers:
+        raise ValueError(f"unknown task {task!r}: use text, mqar or assoc")
+
+    def source(gen: torch.Generator):
+        b = makers[task](gen)
+        return b.tokens, b.targets
+
+    return source

@@ -10,8 +10,9 @@ The phased schedule (phases A-E, fractions of the run; names follow the seed's P
     D  neuromodulate all on, the write cost ramps from 0 to ``write_cost``
     E  consolidate   all on, full write cost, learning rate decays to 10%
 
-The write cost adds ``write_cost * (mean PM commit probability + mean EM write probability)``
-to the loss: the only pressure toward sparse writes. Everything else the neuromodulators learn
+The write cost adds ``write_cost * (overrun of the mean PM commit probability over its budget
++ overrun of the mean EM write probability over its budget)`` to the loss: the only explicit
+pressure toward sparse writes. Everything else the neuromodulators learn
 comes from the LM loss through the differentiable commits (straight-through gates).
 """
 
@@ -44,7 +45,9 @@ class TrainConfig:
     warmup: int = 50  # linear warm-up steps
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    write_cost: float = 0.05  # weight of the mean commit/write probability in the loss
+    write_cost: float = 0.05  # weight of the write-budget overrun in the loss
+    pm_commit_budget: float = 0.05  # mean PM commit probability allowed for free
+    em_write_budget: float = 0.05  # mean EM write probability allowed for free
     phases: str = "A:0.2,B:0.15,C:0.15,D:0.25,E:0.25"  # name:fraction; "E:1" trains all at once
     carry_state: bool = True  # memories persist from batch to batch, as in a user's stream
     device: str = "auto"  # "auto": cuda when present, else cpu
@@ -111,13 +114,18 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return loss / max(count, 1), count
 
 
-def write_penalty(stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean PM commit probability + mean EM write probability (0 when neither ran)."""
+def write_penalty(stats: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """How far the mean PM commit probability and the mean EM write probability run over their
+    budgets (0 when within them, or when neither memory ran). A budget rather than a plain cost:
+    a plain cost keeps pushing useful writes below the gate, where only a weak gradient can
+    bring them back, and training collapses."""
     total = torch.zeros(())
     if "pm_boundaries" in stats:
-        total = total + stats["pm_commit_prob"].cpu() / stats["pm_boundaries"].cpu()
+        rate = stats["pm_commit_prob"].cpu() / stats["pm_boundaries"].cpu()
+        total = total + torch.relu(rate - cfg.pm_commit_budget)
     if "em_tokens" in stats:
-        total = total + stats["em_write_prob"].cpu() / stats["em_tokens"].cpu()
+        rate = stats["em_write_prob"].cpu() / stats["em_tokens"].cpu()
+        total = total + torch.relu(rate - cfg.em_write_budget)
     return total
 
 
@@ -159,7 +167,7 @@ def _train_batch(model, opt, inputs, targets, state, phase: Phase, cfg: TrainCon
         with autocast(device):
             out = model(inputs[:, seg], state, pm=phase.pm, em=phase.em)
         loss, count = lm_loss(out.logits, targets[:, seg])
-        cost = write_penalty(out.stats).to(device)
+        cost = write_penalty(out.stats, cfg).to(device)
         total = loss + cfg.write_cost * phase.cost_scale * cost
         opt.zero_grad(set_to_none=True)
         if count or total.requires_grad:
@@ -168,7 +176,7 @@ def _train_batch(model, opt, inputs, targets, state, phase: Phase, cfg: TrainCon
             opt.step()
         state = detach_state(out.state)
         lm_total, cost_total, segments = lm_total + loss.item(), cost_total + cost.item(), segments + 1
-    return state, {"loss": round(lm_total / segments, 4), "write_prob": round(cost_total / segments, 4)}
+    return state, {"loss": round(lm_total / segments, 4), "write_overrun": round(cost_total / segments, 4)}
 
 
 def save_checkpoint(path: Path, model: NMLModel, cfg: TrainConfig, step: int, opt=None) -> None:
