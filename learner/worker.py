@@ -73,6 +73,8 @@ class LearnerWorker:
     observer: LearnerObserver = field(default_factory=_NullObserver)
     extractor: Callable[[str], list[Fact]] = extract_facts
     maintenance_interval_s: float | None = None  # promote, expire and decay this often
+    # Streams each successful interaction through the NML/EM model's per-user state.
+    nml_feed: Callable[[str, str], object] | None = None
 
     def __post_init__(self) -> None:
         self._queue: queue.Queue[object] = queue.Queue(self.maxsize)
@@ -171,6 +173,16 @@ class LearnerWorker:
                 self._learn(exchange)
             except Exception as exc:
                 log.error("job_failed", step="extract", request_id=exchange.request_id, error=repr(exc))
+            if self.nml_feed is not None:
+                try:
+                    self._feed_nml(exchange)
+                except Exception as exc:
+                    log.error("job_failed", step="nml_feed", request_id=exchange.request_id, error=repr(exc))
+
+    def _feed_nml(self, exchange: Exchange) -> None:
+        answer, _ = assemble(exchange.response_raw, stream=exchange.stream) if exchange.response_raw else (None, None)
+        text = _answer_text(answer)
+        self.nml_feed(exchange.user_id, f"user: {exchange.user_text}\nassistant: {text}\n")  # type: ignore[misc]
 
     def _learn(self, exchange: Exchange) -> None:
         facts = self.extractor(exchange.user_text or "")
@@ -187,6 +199,12 @@ class LearnerWorker:
         if created:
             self.observer.extracted(created)
         log.info("memories_extracted", request_id=exchange.request_id, facts=len(facts), created=created)
+
+
+def _answer_text(answer: dict | None) -> str:
+    """The assistant's text from an assembled answer message (`learner.teacher.assemble`)."""
+    content = (answer or {}).get("content")
+    return content if isinstance(content, str) else ""
 
 
 def to_record(exchange: Exchange) -> InteractionRecord:

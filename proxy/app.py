@@ -75,14 +75,14 @@ def create_app(
             app.state.http_client = client  # byte passthrough endpoints (proxy/passthrough.py)
             emb = embedder or build_embedder(settings)
             the_store = store or _open_store(settings, emb)
-            model = local_model or LocalModel(
-                cache_dir=settings.model_cache, model_dir=settings.local_model_dir, name=settings.local_model_name
-            )
+            model = local_model or _local_model(settings)
             if store is None and the_store is not None:
                 stack.callback(the_store.close)
             if local_model is None:
                 stack.callback(model.close)  # ends a running generation instead of waiting it out
-            learner = _start_learner(settings, the_store, emb, metrics, stack)
+            learner = _start_learner(settings, the_store, emb, metrics, stack, nml_feed=_nml_feed(model))
+            if the_store is not None and _nml_feed(model) is not None:
+                the_store.wipe_hooks.append(lambda user_id: model.store and model.store.forget(user_id))
             background = _warm_up(settings, emb, model, the_store)
             app.state.memlane = AppState(
                 settings=settings,
@@ -162,11 +162,27 @@ def _open_store(settings: Settings, emb: Embedder) -> MemoryStore | None:
         return None
 
 
-def _start_learner(settings, the_store, emb, metrics, stack):  # type: ignore[no-untyped-def]
+def _local_model(settings: Settings) -> Any:
+    """SmolLM2 (or `local_model_dir`), or the NML/EM model when a checkpoint is configured."""
+    if settings.nml_checkpoint is not None:
+        from adapters.nml import NMLChatModel
+
+        return NMLChatModel(checkpoint=settings.nml_checkpoint, store_root=settings.nml_state_dir,
+                            name=settings.local_model_name)
+    return LocalModel(cache_dir=settings.model_cache, model_dir=settings.local_model_dir,
+                      name=settings.local_model_name)
+
+
+def _nml_feed(model: Any) -> Any:
+    """The NML model's per-user `feed`, when the local model is one."""
+    return getattr(model, "feed", None) if type(model).__name__ == "NMLChatModel" else None
+
+
+def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None):  # type: ignore[no-untyped-def]
     if the_store is None:
         return DroppingSink(metrics)
     learner = LearnerWorker(the_store, emb, maxsize=settings.log_queue_size, observer=_Observer(metrics),
-                            maintenance_interval_s=settings.maintenance_interval_s)
+                            maintenance_interval_s=settings.maintenance_interval_s, nml_feed=nml_feed)
     learner.start()
     stack.callback(learner.stop)
     return learner

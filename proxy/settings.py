@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # best for a server on 2 cores: a query embedding took 9.6 ms of CPU with 1 thread and
     # 26 ms with 2 (idle threads spin), and concurrent requests keep the cores busy anyway.
     torch_threads: int = Field(default=1, ge=1, le=256)
+    # A trained NML/EM checkpoint (`memlane nml train`): served as the local model instead of
+    # SmolLM2, and fed every interaction so its memories persist per user under nml_state_dir.
+    nml_checkpoint: Path | None = None
+    nml_state_dir: Path = Path("nml-state")
 
     keys: tuple[KeyConfig, ...] = ()  # empty: open mode, single local user "default"
     routes: tuple[RouteConfig, ...] = ()  # empty: built from OPENAI_API_KEY etc.

@@ -109,3 +109,23 @@ def test_maintenance_runs_on_its_interval_while_idle(tmp_path):
     worker.stop()
     assert len(passes) >= 4
     assert all(b - a >= 0.04 for a, b in zip(passes, passes[1:], strict=False))
+
+
+def test_each_successful_interaction_is_fed_to_the_nml_model_per_user(tmp_path):
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    fed: list[tuple[str, str]] = []
+
+    def feed(user_id: str, text: str) -> None:
+        fed.append((user_id, text))
+        if len(fed) == 1:
+            raise RuntimeError("state file locked")  # logged; later interactions still go in
+
+    worker = LearnerWorker(store, HashEmbedder(), nml_feed=feed)
+    worker.start()
+    worker.submit(exchange(1))
+    worker.submit(exchange(2, "What's the weather like?"))
+    worker.submit(exchange(3, "I live in Paris.", status_code=502, response_raw=b""))
+    worker.stop()
+    assert [user for user, _ in fed] == ["ada", "ada"]  # not the failed call
+    assert fed[1][1] == "user: What's the weather like?\nassistant: ok\n"
+    assert len(store.interactions(limit=10)) == 3

@@ -53,3 +53,16 @@ def test_upstream_keys_may_not_live_in_the_config_file(tmp_path):
 def test_a_key_needs_exactly_one_secret():
     with pytest.raises(SettingsError):
         Settings.from_env({}, keys=[{"user": "ada"}])
+
+
+def test_an_nml_checkpoint_replaces_the_local_model_and_feeds_the_learner(tmp_path):
+    from adapters.nml import NMLChatModel
+    from proxy.app import _local_model, _nml_feed
+
+    settings = Settings.from_env({"MEMLANE_NML_CHECKPOINT": str(tmp_path / "nml.pt"),
+                                  "MEMLANE_NML_STATE_DIR": str(tmp_path / "state")})
+    model = _local_model(settings)
+    assert isinstance(model, NMLChatModel)
+    assert model.loadable() == (False, f"no NML checkpoint at {tmp_path / 'nml.pt'}: train one with `memlane nml train`")
+    assert _nml_feed(model) == model.feed
+    assert _nml_feed(_local_model(Settings.from_env({}))) is None
