@@ -43,7 +43,7 @@ from proxy.upstream import (
     UpstreamReply,
     forwarded_headers,
     one_chunk,
-    timed,
+    timed_raw,
     upstream_model,
     upstream_status_error,
 )
@@ -94,20 +94,8 @@ async def forward(
                              upstream_s=time.perf_counter() - started)
     reply = UpstreamReply(body=one_chunk(b""), provider=provider, headers=relayed, media_type=media_type,
                           upstream_s=time.perf_counter() - started, _close=response.aclose)
-    reply.body = _raw(response, reply)
+    reply.body = timed_raw(response, reply)
     return reply
-
-
-async def _raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in timed(response.aiter_raw(), reply):
-            yield chunk
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout("upstream timed out while streaming") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from exc
-    finally:
-        await response.aclose()
 
 
 def http_client(request: Request) -> httpx.AsyncClient:

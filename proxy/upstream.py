@@ -115,7 +115,7 @@ class OpenAIUpstream:
             upstream_s=time.perf_counter() - started,
             _close=response.aclose,
         )
-        reply.body = _timed_raw(response, reply)
+        reply.body = timed_raw(response, reply)
         return reply
 
 
@@ -142,7 +142,7 @@ async def timed(items: AsyncIterator[T], reply: UpstreamReply) -> AsyncIterator[
         yield item
 
 
-async def _timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
+async def timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
     try:
         async for chunk in timed(response.aiter_raw(), reply):
             yield chunk
