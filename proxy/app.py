@@ -72,7 +72,6 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(_http_client(settings))
-            app.state.http_client = client  # byte passthrough endpoints (proxy/passthrough.py)
             emb = embedder or build_embedder(settings)
             the_store = store or _open_store(settings, emb)
             model = local_model or _local_model(settings)
@@ -99,6 +98,7 @@ def create_app(
                 store=the_store,
                 embedder=emb,
                 local_model=model,
+                http_client=client,
                 background=background,
             )
             log.info("memlane_started", memory=settings.memory, open_mode=settings.open_mode,

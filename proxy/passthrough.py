@@ -99,7 +99,7 @@ async def forward(
 
 
 def http_client(request: Request) -> httpx.AsyncClient:
-    client = getattr(request.app.state, "http_client", None)
+    client = request.app.state.memlane.http_client
     if client is None:
         raise ServiceUnavailable("memlane has no upstream HTTP client yet; retry in a moment.")
     return client

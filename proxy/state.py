@@ -40,4 +40,5 @@ class AppState:
     store: MemoryStore | None
     embedder: Embedder | None
     local_model: LocalModel | None
+    http_client: Any = None  # the pooled httpx.AsyncClient of the byte-passthrough endpoints
     background: list[Any] = field(default_factory=list)
