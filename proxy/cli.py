@@ -11,10 +11,12 @@ import typer
 
 from adapters.nml.cli import app as nml_app
 from proxy.cli_memories import ConfigOpt, DbOpt, load_settings, memories
+from proxy.doctor import doctor
 
 app = typer.Typer(help="memlane: a memory layer for any OpenAI-compatible client.", no_args_is_help=True)
 app.add_typer(memories, name="memories")
 app.add_typer(nml_app, name="nml")
+app.command("doctor")(doctor)
 
 
 @app.command()

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Self
 
 import httpx
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from memory import (
@@ -148,6 +157,15 @@ def _table(rows: list[dict], *, scored: bool = False, explain: bool = False) -> 
             cells += [f"{score.get(part, 0):.3f}" for part in SCORE_PARTS]
         table.add_row(*cells)
     console.print(table)
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[None]:
+    """A transient spinner and pulsing bar while a file is written or read; off when not a TTY."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        progress.add_task(description, total=None)
+        yield
 
 
 def _format_of(path: Path, fmt: str | None) -> str:
@@ -286,12 +304,13 @@ def export_memories(path: Path, user: UserOpt = None, fmt: FormatOpt = None, db:
     """Write all of a user's memories, history included, to a JSONL or Parquet file."""
     fmt = _format_of(path, fmt)
     with _Memories(db, config, url, user) as m:
-        if m.store is not None:
-            count = (export_jsonl if fmt == "jsonl" else export_parquet)(m.store, m.user_id, path)
-            console.print(f"exported {count} memories to {path}")
-        else:
-            path.write_bytes(m.call("GET", "/v1/memories/export", params={"format": fmt}).content)
-            console.print(f"exported to {path}")
+        with _progress(f"exporting to {path}"):
+            if m.store is not None:
+                count = (export_jsonl if fmt == "jsonl" else export_parquet)(m.store, m.user_id, path)
+            else:
+                count = None
+                path.write_bytes(m.call("GET", "/v1/memories/export", params={"format": fmt}).content)
+        console.print(f"exported {count} memories to {path}" if count is not None else f"exported to {path}")
 
 
 @memories.command("import")
@@ -301,15 +320,16 @@ def import_memories(path: Annotated[Path, typer.Argument(exists=True, dir_okay=F
     """Import a file written by `export` into a user's memories (ids already stored are skipped)."""
     fmt = _format_of(path, fmt)
     with _Memories(db, config, url, user, create=True) as m:
-        if m.store is not None:
-            try:
-                report = (import_jsonl if fmt == "jsonl" else import_parquet)(m.store, m.user_id, path)
-            except (ImportFormatError, UnicodeDecodeError) as exc:
-                raise fail(f"{path} is not a memlane {fmt} export: {exc}") from exc
-            imported, skipped = report.imported, report.skipped
-        else:
-            row = m.call("POST", "/v1/memories/import", params={"format": fmt}, content=path.read_bytes()).json()
-            imported, skipped = row["imported"], row["skipped"]
+        with _progress(f"importing {path}"):
+            if m.store is not None:
+                try:
+                    report = (import_jsonl if fmt == "jsonl" else import_parquet)(m.store, m.user_id, path)
+                except (ImportFormatError, UnicodeDecodeError) as exc:
+                    raise fail(f"{path} is not a memlane {fmt} export: {exc}") from exc
+                imported, skipped = report.imported, report.skipped
+            else:
+                row = m.call("POST", "/v1/memories/import", params={"format": fmt}, content=path.read_bytes()).json()
+                imported, skipped = row["imported"], row["skipped"]
         console.print(f"imported {imported} memories, skipped {skipped} already stored")
 
 
