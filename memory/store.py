@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -45,7 +44,6 @@ from typing import Any, Protocol
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import structlog
 
 from memory import remember as _remember
@@ -290,49 +288,11 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
         self, entries: Sequence[MemoryEntry], embeddings: np.ndarray,
         sources: Sequence[Sequence[MemorySource]] | None = None,
     ) -> None:
-        """Insert many memories through Arrow (imports, benchmarks): no dedup, no rules."""
-        if not entries:
-            return
-        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if vectors.shape != (len(entries), EMBEDDING_DIM):
-            raise ValueError(f"embeddings shape {vectors.shape} does not match the entries")
-        names = [c.strip() for c in ENTRY_COLUMNS.split(",")]
-        rows = [entry_params(e, None) for e in entries]
-        table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
-        vec = pa.table({
-            "id": [e.id for e in entries],
-            "user_id": [e.user_id for e in entries],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), EMBEDDING_DIM),
-        })
-        src_rows = [
-            (e.id, e.user_id, s.kind, s.ref, s.extractor, s.conversation_id, s.recorded_at or e.recorded_at)
-            for e, entry_sources in zip(entries, sources or [()] * len(entries), strict=True)
-            for s in entry_sources
-        ]
-        src_names = ("memory_id", "user_id", "kind", "ref", "extractor", "conversation_id", "recorded_at")
-        src = pa.table(
-            {name: pa.array([row[i] for row in src_rows], type=pa.timestamp("us") if name == "recorded_at" else pa.string())
-             for i, name in enumerate(src_names)}
-        )
-        views = {name: f"import_{name}_{uuid.uuid4().hex}" for name in ("entries", "vectors", "sources")}
-        with self._write_lock, self._index_lock:
-            cursor = self._writable_cursor()
-            for name, data in zip(views, (table, vec, src), strict=True):
-                cursor.register(views[name], data)
-            cursor.execute("BEGIN TRANSACTION")
-            try:
-                cursor.execute(f"INSERT INTO memories ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS} FROM {views['entries']}")
-                cursor.execute(f"INSERT INTO memory_vectors SELECT id, user_id, embedding FROM {views['vectors']}")
-                cursor.execute(f"INSERT INTO memory_sources SELECT * FROM {views['sources']}")
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-            finally:
-                for view in views.values():
-                    cursor.unregister(view)
-            self._user_changed(None)
-            self._text_index_stale = True
+        """Insert many memories through Arrow (imports, benchmarks): no dedup, no rules.
+        `sources[i]`, when given, replaces `entries[i].sources`."""
+        if sources is not None:
+            entries = [replace(e, sources=tuple(s)) for e, s in zip(entries, sources, strict=True)]
+        self.restore_entries(entries, embeddings)
 
     def bulk_add(
         self, user_id: str, contents: Sequence[str], embeddings: np.ndarray, *,
