@@ -43,8 +43,6 @@ from memory.store import (
 )
 from memory.tiers import MaintenanceReport, TierPolicy
 
-Memory = MemoryEntry  # the name the first version used
-
 __all__ = [
     "EMBEDDING_DIM",
     "MIGRATIONS",
@@ -60,7 +58,6 @@ __all__ = [
     "InteractionRecord",
     "Link",
     "MaintenanceReport",
-    "Memory",
     "MemoryEntry",
     "MemorySource",
     "MemoryStore",

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -31,6 +30,7 @@ from memory.entry import (
     TruthCategory,
 )
 from memory.relations import classify, content_hash, parse_relation
+from memory.rows import new_memory_id
 from memory.tiers import next_tier, short_term_expiry
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def remember(
     auto_type, auto_truth, auto_tags = classify(content, kind)
     all_tags = tuple(dict.fromkeys([*tags, *auto_tags]))
     entry = MemoryEntry(
-        id=_new_id(),
+        id=new_memory_id(),
         user_id=user_id,
         content=content,
         summary=summary,
@@ -172,7 +172,7 @@ def build_entry(
     memory_type, truth, tags = classify(content, kind)
     short = (tier or Tier.SHORT_TERM) is Tier.SHORT_TERM
     return MemoryEntry(
-        id=_new_id(), user_id=user_id, content=content, content_hash=content_hash(content),
+        id=new_memory_id(), user_id=user_id, content=content, content_hash=content_hash(content),
         tier=tier or Tier.SHORT_TERM, truth_category=truth, memory_type=memory_type,
         confidence=Confidence(reliability, reliability), created_at=now, updated_at=now,
         valid_from=now, recorded_at=now, tags=tags,
@@ -218,6 +218,3 @@ def _corroborate(
     fresh = store.get(entry.user_id, entry.id)
     return RememberResult(fresh or promoted, "corroborated")
 
-
-def _new_id() -> str:
-    return uuid.uuid4().hex

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import memory
+import memory.indexes
 from memory import (
     Clock,
     HashEmbedder,
     InteractionRecord,
-    Memory,
+    MemoryEntry,
     MemoryStore,
     MigrationError,
     ReadOnlyStoreError,
@@ -21,7 +22,6 @@ from memory import (
     connect,
     content_hash,
 )
-import memory.indexes
 from memory.indexes import EXACT_SQL as EXACT_SEARCH_SQL
 from memory.indexes import HNSW_SQL as HNSW_SEARCH_SQL
 
@@ -195,7 +195,7 @@ def test_search_ranks_by_cosine_and_applies_min_score(store: MemoryStore) -> Non
     assert [s for _, s in neighbours] == pytest.approx(sorted(expected, reverse=True), abs=1e-5)
 
     results = store.search("alice", query, k=5)
-    assert all(isinstance(m, Memory) and m.score is not None for m in results)
+    assert all(isinstance(m, MemoryEntry) and m.score is not None for m in results)
     assert results[0].content == contents[0]
     threshold = float(expected[1]) - 1e-4
     assert [m.content for m in store.search("alice", query, min_score=threshold)] == contents[:2]
