@@ -52,6 +52,7 @@ from proxy.recall import Recaller
 from proxy.settings import Settings
 from proxy.state import AppState, DroppingSink
 from proxy.translate import LiteLLMUpstream
+from proxy.transport import ShardedTransport
 from proxy.upstream import ChatUpstream, OpenAIUpstream
 
 log = structlog.get_logger("memlane.app")
@@ -135,11 +136,16 @@ def create_app(
     )
 
 
+# Small pools: httpcore scans every pooled connection per request (see proxy/transport.py).
+UPSTREAM_POOL_SHARDS = 32
+
+
 @contextlib.asynccontextmanager
 async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     timeout = httpx.Timeout(settings.upstream_timeout_s, connect=settings.upstream_connect_timeout_s)
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    transport = ShardedTransport.pooled(UPSTREAM_POOL_SHARDS, limits=limits)
+    async with httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False) as client:
         yield client
 
 
