@@ -150,7 +150,10 @@ async def _http_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def build_embedder(settings: Settings) -> Embedder:
-    return HashEmbedder() if settings.embedder == "hash" else MiniLMEmbedder()
+    if settings.embedder == "hash":
+        return HashEmbedder()
+    return MiniLMEmbedder(cache_dir=settings.model_cache, backend=settings.embedder_backend,
+                          threads=settings.torch_threads)
 
 
 def open_store(settings: Settings, emb: Embedder, **options: Any) -> MemoryStore:

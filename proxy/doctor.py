@@ -168,10 +168,15 @@ def check_embedder(settings: Settings, *, deep: bool = False) -> Check:
     try:
         from memory import MiniLMEmbedder
 
-        vectors = MiniLMEmbedder().embed(["memlane doctor checks the embedder."])
+        embedder = MiniLMEmbedder(cache_dir=settings.model_cache, backend=settings.embedder_backend)
+        vectors = embedder.embed(["memlane doctor checks the embedder."])
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
         return Check(name, "fail", f"does not embed: {type(exc).__name__}: {exc}", fix)
-    return _ok(name, f"embedded one sentence offline ({vectors.shape[1]} dims) from {folder}")
+    found = f"embedded one sentence offline ({vectors.shape[1]} dims, {embedder.runtime}) from {folder}"
+    if settings.embedder_backend == "auto" and embedder.runtime == "torch":
+        return Check(name, "warn", f"{found}; ONNX Runtime unused: {embedder.backend_note}",
+                     "pip install onnxruntime onnx, or set MEMLANE_EMBEDDER_BACKEND=torch")
+    return _ok(name, found)
 
 
 def check_local_model(settings: Settings) -> list[Check]:

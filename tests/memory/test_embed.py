@@ -170,3 +170,58 @@ def test_minilm_ranks_the_peanut_allergy_first_for_a_food_question(tmp_path: Pat
           + ", ".join(f"{m.content!r}={m.score.total:.3f}" for m in results))
     assert results[0].content == "The user is allergic to peanuts."
     assert results[0].score.total > results[1].score.total
+
+
+# -- MiniLM through ONNX Runtime -----------------------------------------------
+
+TEXTS = [
+    "I'm allergic to peanuts.",
+    "What should I cook tonight?",
+    "My dog is called Biscuit and he hates the vacuum cleaner.",
+    "tabs",
+    " ".join(["I keep a diary of every trip I have taken across Europe and Asia."] * 40),  # > 256 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export for the module (~8 s)."""
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    embedder = MiniLMEmbedder(cache_dir=cache, backend="onnx")
+    embedder.load()
+    return cache
+
+
+def test_onnx_embeddings_are_sentence_transformers_embeddings(onnx_cache: Path) -> None:
+    onnx = MiniLMEmbedder(cache_dir=onnx_cache, backend="onnx")
+    torch_ = MiniLMEmbedder(backend="torch")
+    got, expected = onnx.embed(TEXTS), torch_.embed(TEXTS)
+    assert onnx.runtime == "onnx" and torch_.runtime == "torch"
+    assert got.shape == (5, 384) and got.dtype == np.float32
+    assert np.min(np.sum(got * expected, axis=1)) > 0.9999
+    # padding inside a batch changes nothing: each text alone gives the same vector
+    alone = np.stack([onnx.embed([t])[0] for t in TEXTS])
+    assert np.allclose(alone, got, atol=1e-5)
+
+
+def test_a_second_load_reuses_the_export_and_a_damaged_one_is_exported_again(onnx_cache: Path) -> None:
+    graph = onnx_cache / "all-minilm-l6-v2-onnx" / "model.onnx"
+    before = graph.stat().st_mtime_ns
+    MiniLMEmbedder(cache_dir=onnx_cache, backend="onnx").embed(["hello"])
+    assert graph.stat().st_mtime_ns == before
+
+    graph.write_bytes(b"not a graph")
+    embedder = MiniLMEmbedder(cache_dir=onnx_cache, backend="onnx")
+    vector = embedder.embed(["I'm allergic to peanuts."])[0]
+    assert embedder.runtime == "onnx" and graph.stat().st_size > 1_000_000
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-5
+
+
+def test_auto_without_a_cache_runs_on_torch_and_onnx_without_one_refuses() -> None:
+    auto = MiniLMEmbedder()
+    auto.load()
+    assert auto.runtime == "torch" and "cache_dir" in auto.backend_note
+    with pytest.raises(RuntimeError, match="cache_dir"):
+        MiniLMEmbedder(backend="onnx").load()
+    with pytest.raises(ValueError):
+        MiniLMEmbedder(backend="tensorflow")
