@@ -136,7 +136,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
         self._closed = False
         self._deletes_since_index_load = deletes_since_index_load
         self._user_rows: dict[str, int] = {}
-        self._vector_cache: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+        self._vector_cache: OrderedDict[str, Any] = OrderedDict()
         self._stopwords: frozenset[str] = frozenset()
         self._text_index_stale = True
         self._background = concurrent.futures.ThreadPoolExecutor(1, "memlane-store")
