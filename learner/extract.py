@@ -6,6 +6,10 @@ about the user. Questions, hypotheticals, requests, small talk, other people's f
 or code text and memlane's own injected context are dropped. A missed fact is cheap (the
 user will say it again); a wrong memory is injected into every later conversation.
 
+A message that sets up a prompt or a persona for the assistant ("You are a helpful assistant",
+"Act as ...") yields nothing. After a correction marker ("Correction:", "Sorry, I meant") a
+trailing ", not X" is the old value and is dropped: "I'm vegetarian, not vegan" -> vegetarian.
+
 Pipeline: hide text that is not the user speaking -> split into sentences -> reject by rule
 -> rewrite "I"/"my" into "the user"/"the user's" with verb agreement -> classify the kind.
 """
@@ -47,6 +51,17 @@ _INLINE_RES = (
     re.compile(r"</?[A-Za-z][\w:.-]*(?:\s[^<>]*)?>"),  # a stray tag
 )
 
+# A message that sets up a prompt or a persona for the assistant is not the user talking about
+# themselves: "You are a helpful assistant. I am the system.", "Act as a terminal. I will ...".
+_PROMPT_RE = re.compile(
+    r"^\s*(?:#+\s*)?(?:system|instructions?|role|persona|assistant)\s*(?::|$)"
+    r"|\b(?:you are|you're) (?:now |an? (?:helpful |expert |senior |ai |large )|the (?:system|assistant)|"
+    r"chatgpt|claude|gpt|gemini|llama|dan)\b"
+    r"|\bact as (?:an? |my |the )|\bfrom now on,? you\b|\bpretend (?:to be|you are)\b"
+    r"|\bignore (?:all |any )?(?:previous|prior|above) (?:instructions|rules)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+
 # --- 2. Sentences -----------------------------------------------------------------------
 _ABBREVIATION_RE = re.compile(
     r"\b(?:e\.g|i\.e|vs|approx|mr|mrs|ms|dr|prof|st|jr|sr|a\.m|p\.m|u\.s|u\.k)\.", re.IGNORECASE
@@ -54,13 +69,21 @@ _ABBREVIATION_RE = re.compile(
 _PROTECTED_DOT = "\ue001"
 _SENTENCE_BREAK_RE = re.compile(r"(?<=[.!?…])\s+|(?<=[a-z][.!?])(?=[A-Z])|\s*[\n;•]\s*")
 _BULLET_RE = re.compile(r"^(?:[-*+]|\d+[.)])\s+")
+_CORRECTION_MARKERS = (  # "Correction: my name is Anna", "Sorry, I meant I work at Stripe"
+    r"correction|update|to be clear|to clarify|just to clarify|not quite|that's wrong|"
+    r"that is wrong|wrong|sorry|i meant"
+)
 _LEAD_IN_RE = re.compile(  # discourse markers before the subject: "Also, I ..."
     r"^(?:(?:also|actually|well|oh|and|but|so|anyway|anyways|btw|by the way|fyi|fwiw|ps|"
     r"hi|hello|hey|ok|okay|yes|yeah|yep|no|nope|honestly|personally|for context|"
     r"for the record|fun fact|in fact|just so you know|"
-    r"(?:please )?(?:remember|note|keep in mind)(?: that)?)\b[\s,:!.—–-]*)+",
+    r"(?:please )?(?:remember|note|keep in mind)(?: that)?|"
+    rf"{_CORRECTION_MARKERS})\b[\s,:!.—–-]*)+",
     re.IGNORECASE,
 )
+# After a correction marker, a trailing ", not X" names the old value: "I'm vegetarian, not vegan".
+_CORRECTION_START_RE = re.compile(rf"^(?:actually|no|{_CORRECTION_MARKERS})\b", re.IGNORECASE)
+_OLD_VALUE_RE = re.compile(r",\s*not\s+[^,;]+$", re.IGNORECASE)
 _TRAILING_RE = re.compile(r"[\s.!…]+$")
 # "My dog's a beagle": here 's is "is", not a possessive.
 _IS_CONTRACTION_RE = re.compile(
@@ -118,8 +141,8 @@ _UNFINISHED_RE = re.compile(
 _TRANSIENT_RE = re.compile(  # a passing mood, not a fact: "I'm tired", "I'm back"
     r"^i am (?:so |very |really |a bit |kind of |pretty |just )?(?:tired|hungry|thirsty|bored|"
     r"busy|sleepy|stressed|excited|happy|sad|upset|annoyed|frustrated|exhausted|ok|okay|fine|"
-    r"good|great|well|back|done|ready|late|lost|home|away)(?: (?:now|today|tonight|right now|"
-    r"again|lol))*$"
+    r"good|great|well|back|done|ready|late|lost|home|away|nervous|worried|anxious)(?: (?:now|today|"
+    r"tonight|right now|again|lol))*(?: (?:about|for|with|that|to) .*)?$"
 )
 _REJECTIONS = (_QUESTION_RE, _HYPOTHETICAL_RE, _FILLER_RE, _ADDRESSED_RE, _DEICTIC_RE,
                _TROUBLESHOOTING_RE, _UNFINISHED_RE, _TRANSIENT_RE)
@@ -129,7 +152,7 @@ _ADVERBS = (
     r"really|also|usually|always|never|often|sometimes|mostly|generally|actually|still|"
     r"absolutely|definitely|totally|mainly|primarily|only|rarely|seldom|occasionally|"
     r"recently|currently|already|even|truly|personally|literally|basically|normally|"
-    r"typically|regularly|frequently|now|just|finally|kind of|sort of"
+    r"typically|regularly|frequently|now|just|finally|kind of|sort of|no longer"
 )
 _I_CLAUSE_RE = re.compile(
     r"(?P<lead>^|[,;]\s*|\b(?:and|but|so|because|since|when|while|as|or|than|where|after|"
@@ -202,6 +225,8 @@ _KIND_RULES = (  # a statement matching none of these is a plain "fact"
 
 def extract_facts(text: str) -> list[Fact]:
     """Facts the user states about themselves in `text`, the latest user message only."""
+    if _PROMPT_RE.search(text):  # a system prompt or a persona: its "I am ..." is role-play
+        return []
     facts: dict[str, Fact] = {}
     for sentence in _sentences(_visible_text(text)):
         fact = _fact_from(sentence)
@@ -253,6 +278,8 @@ def _fact_from(sentence: str) -> Fact | None:
 def _statement(sentence: str) -> str:
     """The sentence without lead-in words, final punctuation and contracted "'s" (is)."""
     statement = _TRAILING_RE.sub("", _LEAD_IN_RE.sub("", sentence))
+    if _CORRECTION_START_RE.match(sentence):
+        statement = _OLD_VALUE_RE.sub("", statement)
     return _IS_CONTRACTION_RE.sub(r"\1 is", statement)
 
 

@@ -2,7 +2,8 @@
 
 Runs in the learner's thread, off the request path: the proxy hands over the raw response bytes
 (one JSON document, or the SSE stream as sent to the client) and this module reassembles the
-final assistant message, tool calls included, with its finish reason and usage.
+final assistant message, tool calls included, with its finish reason and usage. The bytes are
+whatever the upstream sent: a part of the wrong JSON type is skipped, never raised on.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ def assemble(raw: bytes, *, stream: bool) -> tuple[dict | None, dict | None]:
             doc = json.loads(raw)
         except ValueError:
             return None, None
-        choices = doc.get("choices") or []
-        if not choices:
-            return None, doc.get("usage")
+        if not isinstance(doc, dict):
+            return None, None
+        choices = _list(doc.get("choices"))
+        if not choices or not isinstance(choices[0], dict):
+            return None, _usage(doc.get("usage"))
         first = choices[0]
-        answer = dict(first.get("message") or {})
+        answer = dict(_dict(first.get("message")))
         answer["finish_reason"] = first.get("finish_reason")
-        return answer, doc.get("usage")
+        if first.get("logprobs"):  # the teacher's token log-probabilities, for distillation
+            answer["logprobs"] = first["logprobs"]
+        if isinstance(doc.get("id"), str):  # the completion id a client may send feedback on
+            answer["id"] = doc["id"]
+        return answer, _usage(doc.get("usage"))
     return _assemble_stream(raw)
 
 
@@ -37,9 +44,11 @@ def sse_events(raw: bytes) -> list[dict]:
         if not data or data == "[DONE]":
             continue
         try:
-            events.append(json.loads(data))
+            event = json.loads(data)
         except ValueError:
             continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 
@@ -50,39 +59,67 @@ def _assemble_stream(raw: bytes) -> tuple[dict | None, dict | None]:
     usage = None
     role = "assistant"
     seen = False
+    logprobs: list[Any] = []
+    completion_id = None
     for event in sse_events(raw):
-        if event.get("usage"):
+        if event.get("usage") and isinstance(event["usage"], dict):
             usage = event["usage"]
         if "error" in event:
             return {"role": role, "content": "".join(content) or None, "error": event["error"]}, usage
-        for choice in event.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        if isinstance(event.get("id"), str):
+            completion_id = event["id"]
+        for choice in _list(event.get("choices")):
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             seen = True
-            delta = choice.get("delta") or {}
-            role = delta.get("role") or role
-            if delta.get("content"):
+            logprobs += _list(_dict(choice.get("logprobs")).get("content"))
+            delta = _dict(choice.get("delta"))
+            role = _str(delta.get("role")) or role
+            if _str(delta.get("content")):
                 content.append(delta["content"])
-            for call in delta.get("tool_calls") or []:
-                _merge_tool_call(tool_calls, call)
-            finish_reason = choice.get("finish_reason") or finish_reason
+            for call in _list(delta.get("tool_calls")):
+                if isinstance(call, dict):
+                    _merge_tool_call(tool_calls, call)
+            finish_reason = _str(choice.get("finish_reason")) or finish_reason
     if not seen:
         return None, usage
     answer: dict[str, Any] = {"role": role, "content": "".join(content) or None, "finish_reason": finish_reason}
     if tool_calls:
         answer["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+    if logprobs:
+        answer["logprobs"] = {"content": logprobs}
+    if completion_id:
+        answer["id"] = completion_id
     return answer, usage
 
 
 def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
     index = delta.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        return
     call = calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-    if delta.get("id"):
+    if _str(delta.get("id")):
         call["id"] = delta["id"]
-    if delta.get("type"):
+    if _str(delta.get("type")):
         call["type"] = delta["type"]
-    function = delta.get("function") or {}
-    if function.get("name"):
+    function = _dict(delta.get("function"))
+    if _str(function.get("name")):
         call["function"]["name"] += function["name"]
-    if function.get("arguments"):
+    if _str(function.get("arguments")):
         call["function"]["arguments"] += function["arguments"]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _usage(value: Any) -> dict | None:
+    return value if isinstance(value, dict) else None

@@ -2,26 +2,37 @@
 
 The proxy hands each finished exchange to ``LearnerWorker.submit``, which never blocks: the queue
 is bounded, and a full queue drops the row and counts it (the request path is never slowed by
-the database). The thread writes teacher-log rows in batches, then extracts the user's statements
-about themselves from the latest user turn and stores them as memories. ``stop`` drains the
-queue, so a graceful shutdown (SIGTERM) loses nothing that was accepted.
+the database). The thread writes teacher-log rows in batches, each batch in one transaction with
+the extraction jobs of its interactions (`memory.jobs`), so a logged interaction always has its
+job. A `JobRunner` on a second thread leases the jobs, extracts the user's statements about
+themselves and stores them as memories (or, with ``run_jobs=False``, leaves them to an external
+``memlane learner`` and only runs the triggers). ``stop`` drains the queue and runs every job
+already due, so a graceful shutdown (SIGTERM) loses nothing that was accepted; jobs of a crash
+are still in the database and run on the next start.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
 from typing import Protocol
 
+import duckdb
 import structlog
 
 from learner.extract import Fact, extract_facts
+from learner.extractor import Extractor, RulesExtractor
+from learner.journal import InteractionJournal
+from learner.queue import job_for
+from learner.runner import JobRunner
 from learner.teacher import assemble
-from memory import Embedder, InteractionRecord, MemorySource, MemoryStore
+from learner.triggers import Consolidator, TriggerPolicy
+from memory import Embedder, InteractionRecord, MemoryStore, NewJob, RetryPolicy
 
 log = structlog.get_logger("memlane.learner")
 
@@ -71,28 +82,51 @@ class LearnerWorker:
     embedder: Embedder
     maxsize: int = 10_000
     observer: LearnerObserver = field(default_factory=_NullObserver)
-    extractor: Callable[[str], list[Fact]] = extract_facts
+    extractor: Extractor | Callable[[str], list[Fact]] = extract_facts  # a plain function: rules
     maintenance_interval_s: float | None = None  # promote, expire and decay this often
     # Streams each successful interaction through the NML/EM model's per-user state.
     nml_feed: Callable[[str, str], object] | None = None
+    run_jobs: bool = True  # False: an external `memlane learner` leases the jobs over HTTP
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    triggers: TriggerPolicy | None = field(default_factory=TriggerPolicy)
+    consolidate: Consolidator | None = None
+    lease_for: timedelta = timedelta(minutes=2)
+    # Acknowledged exchanges on disk until they are logged: survives a killed process.
+    journal: InteractionJournal | None = None
 
     def __post_init__(self) -> None:
         self._queue: queue.Queue[object] = queue.Queue(self.maxsize)
+        self._submit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._next_maintenance = time.monotonic() + (self.maintenance_interval_s or 0)
+        extractor = self.extractor if hasattr(self.extractor, "extract") else RulesExtractor(self.extractor)
+        self.runner = JobRunner(
+            self.store, self.embedder, extractor if self.run_jobs else None,  # type: ignore[arg-type]
+            retry=self.retry, triggers=self.triggers, consolidate=self.consolidate,
+            lease_for=self.lease_for, extracted=self.observer.extracted,
+            finished=getattr(self.observer, "job_finished", None),
+        )
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="memlane-learner", daemon=True)
             self._thread.start()
+            self.runner.start()
 
     def submit(self, exchange: Exchange) -> bool:
-        try:
-            self._queue.put_nowait(exchange)
-        except queue.Full:
-            self.observer.dropped()
-            log.warning("teacher_log_dropped", request_id=exchange.request_id, queue_size=self.maxsize)
-            return False
+        with self._submit_lock:  # the journal keeps the queue's order
+            try:
+                self._queue.put_nowait(exchange)
+            except queue.Full:
+                self.observer.dropped()
+                log.warning("teacher_log_dropped", request_id=exchange.request_id, queue_size=self.maxsize)
+                return False
+            if self.journal is not None:
+                try:
+                    self.journal.append(exchange_line(exchange))
+                except OSError as exc:  # the row is still queued; only a crash could lose it now
+                    log.error("journal_write_failed", request_id=exchange.request_id, error=repr(exc))
+                    self.journal = None  # its order is broken: off until restart (which replays it)
         self.observer.queue_depth(self._queue.qsize())
         return True
 
@@ -102,7 +136,7 @@ class LearnerWorker:
         return max(self._next_maintenance - time.monotonic(), 0.0)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write everything accepted so far, then end the thread."""
+        """Write everything accepted so far and run the jobs due, then end both threads."""
         if self._thread is None:
             return
         self._queue.put(_STOP)
@@ -110,17 +144,24 @@ class LearnerWorker:
         if self._thread.is_alive():
             log.error("learner_stop_timeout", pending=self._queue.qsize())
         self._thread = None
+        self.runner.stop(timeout)
+        if self.journal is not None:
+            self.journal.close()
 
     def drain(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far is processed (tests, CLI)."""
+        """Wait until everything submitted so far is written and its jobs run (tests, CLI)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._queue.unfinished_tasks == 0:
-                return True
+                self.runner.wake()
+                if self.runner.idle():
+                    return True
             time.sleep(0.01)
         return False
 
     def _run(self) -> None:
+        if self.journal is not None:
+            self._replay_journal()
         while True:
             self._maintain_if_due()
             batch, stopping = self._next_batch()
@@ -131,6 +172,25 @@ class LearnerWorker:
             self.observer.queue_depth(self._queue.qsize())
             if stopping:
                 return
+
+    def _replay_journal(self) -> None:
+        """Write the exchanges a killed previous run had acknowledged but not logged."""
+        assert self.journal is not None
+        replayed = present = 0
+        for data in self.journal.leftovers():
+            exchange = exchange_from(data)
+            job = job_of(exchange)
+            try:
+                self.store.log_interactions_and_jobs([to_record(exchange)], [job] if job else [])
+                replayed += 1
+            except duckdb.ConstraintException:  # it was written before the process died
+                present += 1
+            except Exception as exc:
+                log.error("journal_replay_failed", request_id=exchange.request_id, error=repr(exc))
+        self.journal.forget_leftovers()
+        if replayed or present:
+            log.info("journal_replayed", rows=replayed, already_logged=present)
+            self.runner.wake()
 
     def _maintain_if_due(self) -> None:
         if self.maintenance_interval_s is None or time.monotonic() < self._next_maintenance:
@@ -161,50 +221,57 @@ class LearnerWorker:
         return batch, False  # type: ignore[return-value]
 
     def _process(self, batch: Sequence[Exchange]) -> None:
+        jobs = [j for e in batch if (j := job_of(e)) is not None]
         try:
-            self.store.log_interactions([to_record(e) for e in batch])
+            self.store.log_interactions_and_jobs([to_record(e) for e in batch], jobs)
             self.observer.written(len(batch))
-        except Exception as exc:  # per batch: log with the exception and go on to extraction
-            log.error("teacher_log_write_failed", rows=len(batch), error=repr(exc))
+        except Exception as exc:  # per batch: logged with the exception; the rows are lost
+            log.error("teacher_log_write_failed", rows=len(batch), jobs=len(jobs), error=repr(exc))
+        with self._submit_lock:  # so every exchange taken from the queue is in the journal
+            if self.journal is not None:
+                self.journal.committed(len(batch))
+        self.runner.wake()
+        if self.nml_feed is None:
+            return
         for exchange in batch:
             if exchange.status_code >= 400 or not exchange.user_text:
                 continue
             try:
-                self._learn(exchange)
+                self._feed_nml(exchange)
             except Exception as exc:
-                log.error("job_failed", step="extract", request_id=exchange.request_id, error=repr(exc))
-            if self.nml_feed is not None:
-                try:
-                    self._feed_nml(exchange)
-                except Exception as exc:
-                    log.error("job_failed", step="nml_feed", request_id=exchange.request_id, error=repr(exc))
+                log.error("job_failed", step="nml_feed", request_id=exchange.request_id, error=repr(exc))
 
     def _feed_nml(self, exchange: Exchange) -> None:
         answer, _ = assemble(exchange.response_raw, stream=exchange.stream) if exchange.response_raw else (None, None)
         text = _answer_text(answer)
         self.nml_feed(exchange.user_id, f"user: {exchange.user_text}\nassistant: {text}\n")  # type: ignore[misc]
 
-    def _learn(self, exchange: Exchange) -> None:
-        facts = self.extractor(exchange.user_text or "")
-        if not facts:
-            return
-        vectors = self.embedder.embed([f.content for f in facts])
-        created = 0
-        for fact, vector in zip(facts, vectors, strict=True):
-            source = MemorySource("interaction", exchange.request_id, "rules", exchange.conversation_id)
-            _, is_new = self.store.add(
-                exchange.user_id, fact.content, source=source, embedding=vector, kind=fact.kind,
-            )
-            created += is_new
-        if created:
-            self.observer.extracted(created)
-        log.info("memories_extracted", request_id=exchange.request_id, facts=len(facts), created=created)
-
 
 def _answer_text(answer: dict | None) -> str:
     """The assistant's text from an assembled answer message (`learner.teacher.assemble`)."""
     content = (answer or {}).get("content")
     return content if isinstance(content, str) else ""
+
+
+def exchange_line(exchange: Exchange) -> bytes:
+    """One exchange as one JSON line for the journal (the raw response as latin-1: lossless)."""
+    data = {f.name: getattr(exchange, f.name) for f in fields(Exchange)}
+    data["created_at"] = exchange.created_at.isoformat()
+    data["response_raw"] = exchange.response_raw.decode("latin-1")
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def exchange_from(data: dict) -> Exchange:
+    data = dict(data)
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    data["response_raw"] = data["response_raw"].encode("latin-1")
+    known = {f.name for f in fields(Exchange)}
+    return Exchange(**{k: v for k, v in data.items() if k in known})
+
+
+def job_of(exchange: Exchange) -> NewJob | None:
+    return job_for(exchange.request_id, exchange.user_id, exchange.status_code, exchange.user_text,
+                   exchange.conversation_id)
 
 
 def to_record(exchange: Exchange) -> InteractionRecord:

@@ -1,0 +1,147 @@
+"""Domain activation tracking (seed 004, phase 3): which knowledge domains each user touches.
+
+A mixin of `MemoryStore`. Two sources are counted per user and domain: `retrieval` (a memory of
+that domain was served into a request) and `memory` (a new memory of that domain was written).
+A memory's domains are the ones stored on it, or, when it has none (the rule extractor sets
+none), the ones `infer_domains` reads from its sentence with a small keyword lexicon.
+The counts are what a personal model's pruning would read: domains under ~1% can go.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+
+__all__ = ["DOMAIN_SOURCES", "DomainActivations", "DomainCount", "infer_domains"]
+
+DOMAIN_SOURCES = ("retrieval", "memory")
+
+# domain -> words (lower case, whole words; a trailing "*" matches any ending)
+_LEXICON: dict[str, tuple[str, ...]] = {
+    "programming": ("code", "coding", "program*", "developer*", "software", "engineer*", "python",
+                    "rust", "java", "javascript", "typescript", "golang", "c++", "kotlin", "react",
+                    "api", "git", "neovim", "vim", "emacs", "vs code", "ide", "compiler", "debug*",
+                    "backend", "frontend", "tabs", "spaces", "mypy", "pandas", "django", "drupal"),
+    "databases": ("sql", "postgres*", "mysql", "sqlite", "database*", "duckdb", "query", "queries"),
+    "devops": ("docker", "kubernetes", "linux", "ubuntu", "windows", "macos", "server*", "cloud",
+               "aws", "deploy*", "cluster*"),
+    "food": ("food", "cook*", "recipe*", "eat", "eats", "vegetarian", "vegan", "meat", "pork", "beef",
+             "coffee", "tea", "spicy", "cilantro", "dessert", "bak*", "cuisine", "thai", "korean",
+             "italian", "lasagna", "gluten", "lactose", "mushrooms", "breakfast", "dinner", "lunch"),
+    "health": ("allergic", "allergy", "allergies", "diabetes", "diabetic", "doctor", "medication*",
+               "penicillin", "blood", "asthma", "diet", "sodium", "sleep*", "hospital", "nurse",
+               "paramedic", "glasses", "intolerant", "peanuts", "nuts", "shellfish", "cashews"),
+    "fitness": ("gym", "run", "running", "marathon", "hiking", "hike*", "bouldering", "climbing",
+                "swim*", "yoga", "cycling", "bike", "skiing", "workout*", "training"),
+    "travel": ("travel*", "trip*", "flight*", "flying", "visa", "airport", "hotel*", "abroad",
+               "vacation", "holiday*"),
+    "music": ("music", "band", "jazz", "opera", "guitar*", "cello", "piano", "bass", "song*",
+              "concert*", "radiohead"),
+    "languages": ("speak*", "fluent", "french", "german", "spanish", "mandarin", "japanese",
+                  "portuguese", "italian", "english", "language*", "native"),
+    "family": ("wife", "husband", "partner", "kid", "kids", "child", "children", "son", "daughter",
+               "mother", "father", "mom", "dad", "sister*", "brother*", "baby", "married", "family"),
+    "pets": ("dog", "dogs", "cat", "cats", "pet", "pets", "puppy", "rabbit*", "retriever", "beagle"),
+    "work": ("job", "work", "works", "working", "employer", "company", "office", "career",
+             "colleague*", "manager", "startup", "freelance", "shifts", "meetings", "retired"),
+    "finance": ("money", "salary", "tax", "taxes", "mortgage", "invest*", "stock*", "budget",
+                "bank", "pension", "rent", "loan*"),
+    "education": ("school", "university", "student", "phd", "degree", "graduated", "studying",
+                  "teach*", "law student", "course*", "exam*", "mit"),
+    "home": ("live", "lives", "living", "flat", "house", "apartment", "moved", "moving", "relocat*",
+             "based in", "countryside", "attic", "neighbo*"),
+    "entertainment": ("film*", "movie*", "series", "book*", "reading", "sci-fi", "novel*", "ghibli",
+                      "horror", "tv", "games", "gaming", "chess"),
+}
+
+
+def _pattern(word: str) -> str:
+    tail = r"[\w-]*" if word.endswith("*") else ""
+    return rf"(?<![\w+]){re.escape(word.rstrip('*'))}{tail}(?![\w+])"
+
+
+_DOMAIN_RES = {domain: re.compile("|".join(_pattern(w) for w in words))
+               for domain, words in _LEXICON.items()}
+
+
+def infer_domains(text: str, *, limit: int = 3) -> tuple[str, ...]:
+    """Up to `limit` domains a sentence is about, most keyword hits first (ties by name)."""
+    lower = text.lower()
+    hits = Counter({domain: len(pattern.findall(lower)) for domain, pattern in _DOMAIN_RES.items()})
+    ranked = sorted((d for d, n in hits.items() if n), key=lambda d: (-hits[d], d))
+    return tuple(ranked[:limit])
+
+
+def domains_of(domains: Sequence[str], content: str) -> tuple[str, ...]:
+    """A memory's own domains, else the inferred ones."""
+    return tuple(domains) if domains else infer_domains(content)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainCount:
+    domain: str
+    retrieval: int  # times a memory of this domain was served into a request
+    memory: int  # new memories of this domain
+    last_at: datetime
+
+    @property
+    def total(self) -> int:
+        return self.retrieval + self.memory
+
+
+class DomainActivations:
+    """Needs `_write_lock`, `_writable_cursor()`/`_cursor()` and `clock` from the store."""
+
+    _write_lock: threading.RLock
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
+
+    def _writable_cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
+
+    def record_domains(self, user_id: str, domains: Iterable[str], source: str) -> None:
+        """Count one activation of each domain (a domain repeated counts once per repeat)."""
+        if source not in DOMAIN_SOURCES:
+            raise ValueError(f"source must be one of {DOMAIN_SOURCES}")
+        counts = Counter(d.strip().lower() for d in domains if d and d.strip())
+        if not counts:
+            return
+        now = self.clock.now()  # type: ignore[attr-defined]
+        rows = [[user_id, domain, source, n, now, now] for domain, n in sorted(counts.items())]
+        with self._write_lock:
+            self._writable_cursor().executemany(
+                "INSERT INTO domain_activations VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, domain, source) DO UPDATE SET "
+                "count = domain_activations.count + excluded.count, last_at = excluded.last_at",
+                rows,
+            )
+
+    def record_retrieved_domains(self, user_id: str, memory_ids: Sequence[str]) -> None:
+        """Count the domains of memories served into a request."""
+        rows = self._cursor().execute(
+            "SELECT domains, content FROM memories WHERE user_id = ? AND list_contains(?, id)",
+            [user_id, list(memory_ids)],
+        ).fetchall()
+        self.record_domains(user_id, [d for domains, content in rows for d in domains_of(domains, content)],
+                            "retrieval")
+
+    def domain_activations(self, user_id: str) -> list[DomainCount]:
+        """The user's domains, most activated first."""
+        rows = self._cursor().execute(
+            """
+            SELECT domain,
+                   sum(count) FILTER (WHERE source = 'retrieval') AS retrieval,
+                   sum(count) FILTER (WHERE source = 'memory') AS memory,
+                   max(last_at)
+            FROM domain_activations WHERE user_id = ?
+            GROUP BY domain
+            """,
+            [user_id],
+        ).fetchall()
+        counts = [DomainCount(d, int(r or 0), int(m or 0), last) for d, r, m, last in rows]
+        return sorted(counts, key=lambda c: (-c.total, c.domain))

@@ -1,0 +1,365 @@
+"""The learner's durable queue: jobs, dead letters, trigger counters and training requests.
+
+A mixin of `MemoryStore` sharing its connection, cursors and write lock (tables: m003).
+
+A job is born in the transaction that logs its interaction (`log_interactions_and_jobs`), so an
+acknowledged interaction always has its job. A worker *leases* due jobs (pending with
+`next_attempt_at` passed, or leased by someone whose lease ran out: a killed learner's jobs come
+back by themselves), and then either *completes* one (`complete_job`, called inside
+`MemoryStore.transaction()` together with the memory writes, so a job's effects and its `done`
+mark commit together or not at all) or *fails* it: back to pending after an exponential backoff,
+or, after `max_attempts` leases, `dead` (the dead letters, requeued by `retry_job`).
+A lease is counted as an attempt when it is taken, so a job that crashes its worker every time
+is dead-lettered too instead of looping for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+__all__ = ["JOB_STATES", "Job", "JobQueue", "NewJob", "RetryPolicy", "TrainingRequest"]
+
+JOB_STATES = ("pending", "leased", "done", "dead")
+_JOB_COLUMNS = (
+    "id", "kind", "user_id", "input", "conversation_id", "state", "attempts", "next_attempt_at",
+    "lease_owner", "leased_until", "last_error", "result", "created_at", "updated_at", "finished_at",
+)
+_SMALL_BATCH = 4  # rows; above this a batch of jobs goes in as an Arrow table
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    id: str  # the interaction's request id
+    user_id: str
+    input: str | None  # the user's latest turn
+    conversation_id: str | None = None
+    kind: str = "extract"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    kind: str
+    user_id: str
+    input: str | None
+    conversation_id: str | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    lease_owner: str | None
+    leased_until: datetime | None
+    last_error: str | None
+    result: dict | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def to_dict(self, *, with_input: bool = False) -> dict[str, Any]:
+        """JSON-ready; the user's text only when asked (a worker needs it, a listing does not)."""
+        out: dict[str, Any] = {"object": "learner.job"}
+        for name in _JOB_COLUMNS:
+            value = getattr(self, name)
+            if name == "input" and not with_input:
+                continue
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff: timedelta = timedelta(seconds=5)  # before the 2nd attempt; doubles each time
+    max_backoff: timedelta = timedelta(hours=1)
+
+    def delay(self, attempts: int) -> timedelta:
+        """Wait before the attempt after `attempts` failed ones."""
+        return min(self.backoff * (2 ** max(attempts - 1, 0)), self.max_backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingRequest:
+    id: str
+    user_id: str
+    reason: str
+    interactions: int
+    requested_at: datetime
+    state: str
+    updated_at: datetime
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"object": "training_request", "id": self.id, "user_id": self.user_id, "reason": self.reason,
+                "interactions": self.interactions, "requested_at": self.requested_at.isoformat(),
+                "state": self.state, "updated_at": self.updated_at.isoformat(), "error": self.error}
+
+
+def _job(row: tuple) -> Job:
+    data = dict(zip(_JOB_COLUMNS, row, strict=True))
+    if data["result"] is not None:
+        data["result"] = json.loads(data["result"])
+    return Job(**data)
+
+
+class JobQueue:
+    """Needs `_write_lock`, `_cursor()`, `_writable_cursor()`, `clock`, `transaction()` and
+    `log_interactions` from the store."""
+
+    _write_lock: threading.RLock
+    clock: Any
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
+
+    def _writable_cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
+
+    def transaction(self, *, users: Sequence[str] = ()) -> AbstractContextManager[duckdb.DuckDBPyConnection]: ...
+
+    def log_interactions(self, records: Sequence[Any]) -> None: ...  # provided by InteractionLog
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    def log_interactions_and_jobs(self, records: Sequence[Any], jobs: Sequence[NewJob]) -> None:
+        """Log interactions and queue their jobs in one transaction (one round trip per batch)."""
+        if not records and not jobs:
+            return
+        now = self.clock.now()
+        with self.transaction() as cursor:
+            self.log_interactions(records)
+            if not jobs:
+                return
+            rows = [[j.id, j.kind, j.user_id, j.input, j.conversation_id, "pending", 0, now, None, None,
+                     None, None, now, now, None] for j in jobs]
+            columns = ", ".join(_JOB_COLUMNS)
+            if len(rows) <= _SMALL_BATCH:
+                cursor.executemany(
+                    f"INSERT INTO learner_jobs ({columns}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", rows
+                )
+                return
+            batch = pa.table({name: [row[i] for row in rows] for i, name in enumerate(_JOB_COLUMNS)},
+                             schema=_arrow_schema())
+            cursor.register("learner_jobs_batch", batch)
+            try:
+                cursor.execute(f"INSERT INTO learner_jobs ({columns}) SELECT {columns} FROM learner_jobs_batch")
+            finally:
+                cursor.unregister("learner_jobs_batch")
+
+    # -- lease, complete, fail -------------------------------------------------------------
+
+    def lease_jobs(self, owner: str, *, limit: int, lease_for: timedelta) -> list[Job]:
+        """Take up to `limit` due jobs, oldest first, for `lease_for`; each lease is an attempt."""
+        now = self.clock.now()
+        with self._write_lock:
+            rows = self._writable_cursor().execute(
+                f"""
+                UPDATE learner_jobs SET state = 'leased', lease_owner = ?, leased_until = ?,
+                       attempts = attempts + 1, updated_at = ?
+                WHERE id IN (
+                    SELECT id FROM learner_jobs
+                    WHERE (state = 'pending' AND next_attempt_at <= ?)
+                       OR (state = 'leased' AND leased_until <= ?)
+                    ORDER BY created_at, id LIMIT ?)
+                RETURNING {', '.join(_JOB_COLUMNS)}
+                """,
+                [owner, now + lease_for, now, now, now, limit],
+            ).fetchall()
+        return sorted((_job(r) for r in rows), key=lambda j: (j.created_at, j.id))
+
+    def complete_job(self, job_id: str, owner: str, result: dict) -> bool:
+        """Mark a job leased by `owner` done and count it for its user's triggers; False (and no
+        change) if it is not leased by `owner` any more. Call inside `transaction()` with the
+        job's memory writes: a False there means roll them back."""
+        now = self.clock.now()
+        with self.transaction() as cursor:
+            rows = cursor.execute(
+                "UPDATE learner_jobs SET state = 'done', result = ?, finished_at = ?, updated_at = ?, "
+                "leased_until = NULL, last_error = NULL "
+                "WHERE id = ? AND state = 'leased' AND lease_owner = ? RETURNING user_id",
+                [json.dumps(result), now, now, job_id, owner],
+            ).fetchall()
+            if not rows:
+                return False
+            cursor.execute(
+                "INSERT INTO learner_users VALUES (?, 1, ?, NULL) ON CONFLICT (user_id) DO UPDATE SET "
+                "pending = learner_users.pending + 1, "
+                "first_pending_at = coalesce(learner_users.first_pending_at, excluded.first_pending_at)",
+                [rows[0][0], now],
+            )
+        return True
+
+    def fail_job(self, job_id: str, owner: str, error: str, policy: RetryPolicy) -> str | None:
+        """Record a failed attempt: back to pending after the policy's backoff, or dead after
+        its last attempt. Returns the new state, None if `owner` does not hold the job."""
+        now = self.clock.now()
+        with self._write_lock:
+            cursor = self._writable_cursor()
+            row = cursor.execute(
+                "SELECT attempts FROM learner_jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
+                [job_id, owner],
+            ).fetchone()
+            if row is None:
+                return None
+            dead = row[0] >= policy.max_attempts
+            cursor.execute(
+                "UPDATE learner_jobs SET state = ?, next_attempt_at = ?, last_error = ?, leased_until = NULL, "
+                "updated_at = ?, finished_at = ? WHERE id = ?",
+                ["dead" if dead else "pending", now + policy.delay(row[0]), error[:2000], now,
+                 now if dead else None, job_id],
+            )
+        return "dead" if dead else "pending"
+
+    def release_leases(self, owner: str | None = None) -> int:
+        """Put leased jobs (of `owner`, or all) back to pending now: a restarted learner takes
+        back what its previous run held without waiting for the leases to run out."""
+        now = self.clock.now()
+        where, params = ("AND lease_owner = ?", [owner]) if owner else ("", [])
+        with self._write_lock:
+            rows = self._writable_cursor().execute(
+                f"UPDATE learner_jobs SET state = 'pending', next_attempt_at = ?, leased_until = NULL, "
+                f"updated_at = ? WHERE state = 'leased' {where} RETURNING id",
+                [now, now, *params],
+            ).fetchall()
+        return len(rows)
+
+    def retry_job(self, job_id: str, *, user_id: str | None = None) -> Job | None:
+        """Requeue a dead (or waiting) job to run now with a fresh attempt count; None if there
+        is no such job (of `user_id`, when given) or it is done or leased."""
+        now = self.clock.now()
+        owner_sql, params = ("AND user_id = ?", [user_id]) if user_id is not None else ("", [])
+        with self._write_lock:
+            rows = self._writable_cursor().execute(
+                f"UPDATE learner_jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                f"finished_at = NULL, updated_at = ? WHERE id = ? AND state IN ('dead', 'pending') {owner_sql} "
+                f"RETURNING {', '.join(_JOB_COLUMNS)}",
+                [now, now, job_id, *params],
+            ).fetchall()
+        return _job(rows[0]) if rows else None
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job | None:
+        rows = self._cursor().execute(
+            f"SELECT {', '.join(_JOB_COLUMNS)} FROM learner_jobs WHERE id = ?", [job_id]
+        ).fetchall()
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, *, state: str | None = None, user_id: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, filtered by state and user."""
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._cursor().execute(
+            f"SELECT {', '.join(_JOB_COLUMNS)} FROM learner_jobs {clause} "
+            f"ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit],
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def job_counts(self) -> dict[str, int]:
+        rows = self._cursor().execute("SELECT state, count(*) FROM learner_jobs GROUP BY state").fetchall()
+        return {state: 0 for state in JOB_STATES} | {s: int(n) for s, n in rows}
+
+    def next_job_due(self) -> datetime | None:
+        """When the earliest pending job or running lease comes due."""
+        row = self._cursor().execute(
+            "SELECT min(CASE WHEN state = 'pending' THEN next_attempt_at ELSE leased_until END) "
+            "FROM learner_jobs WHERE state IN ('pending', 'leased')"
+        ).fetchone()
+        return row[0] if row else None
+
+    # -- triggers and training requests ----------------------------------------------------
+
+    def learner_users_due(self, *, every: int, period: timedelta) -> list[tuple[str, str]]:
+        """(user, reason) for users with `every` interactions learned since their last run
+        ("interactions"), or some and `period` since the last run or the first of them ("schedule")."""
+        now = self.clock.now()
+        rows = self._cursor().execute(
+            "SELECT user_id, pending >= ? FROM learner_users WHERE pending >= ? OR (pending > 0 AND "
+            "coalesce(last_run_at, first_pending_at) <= ?) ORDER BY user_id",
+            [every, every, now - period],
+        ).fetchall()
+        return [(u, "interactions" if by_count else "schedule") for u, by_count in rows]
+
+    def learner_user(self, user_id: str) -> dict[str, Any] | None:
+        row = self._cursor().execute(
+            "SELECT pending, first_pending_at, last_run_at FROM learner_users WHERE user_id = ?", [user_id]
+        ).fetchone()
+        if row is None:
+            return None
+        return {"pending": row[0], "first_pending_at": row[1], "last_run_at": row[2]}
+
+    def request_training(self, user_id: str, reason: str) -> TrainingRequest:
+        """Reset the user's trigger counter and queue a training request for their personal model,
+        in one transaction; a request still pending is kept (its count grows) rather than doubled."""
+        now = self.clock.now()
+        with self.transaction() as cursor:
+            row = cursor.execute("SELECT pending FROM learner_users WHERE user_id = ?", [user_id]).fetchone()
+            learned = int(row[0]) if row else 0
+            cursor.execute(
+                "INSERT INTO learner_users VALUES (?, 0, NULL, ?) ON CONFLICT (user_id) DO UPDATE SET "
+                "pending = 0, first_pending_at = NULL, last_run_at = excluded.last_run_at",
+                [user_id, now],
+            )
+            pending = cursor.execute(
+                "SELECT id FROM training_requests WHERE user_id = ? AND state = 'pending' "
+                "ORDER BY requested_at LIMIT 1", [user_id],
+            ).fetchone()
+            if pending is not None:
+                cursor.execute(
+                    "UPDATE training_requests SET interactions = interactions + ?, updated_at = ? WHERE id = ?",
+                    [learned, now, pending[0]],
+                )
+                request_id = pending[0]
+            else:
+                request_id = f"train_{uuid.uuid4().hex}"
+                cursor.execute(
+                    "INSERT INTO training_requests VALUES (?, ?, ?, ?, ?, 'pending', ?, NULL)",
+                    [request_id, user_id, reason, learned, now, now],
+                )
+        found = self.training_requests(user_id=user_id, request_id=request_id)
+        return found[0]
+
+    def training_requests(
+        self, *, user_id: str | None = None, state: str | None = None, request_id: str | None = None,
+        limit: int = 100,
+    ) -> list[TrainingRequest]:
+        """Training requests, oldest first (the personal-model trainer takes them in order)."""
+        where, params = [], []
+        for column, value in (("user_id", user_id), ("state", state), ("id", request_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._cursor().execute(
+            "SELECT id, user_id, reason, interactions, requested_at, state, updated_at, error "
+            f"FROM training_requests {clause} ORDER BY requested_at, id LIMIT ?", [*params, limit],
+        ).fetchall()
+        return [TrainingRequest(*r) for r in rows]
+
+    def set_training_state(self, request_id: str, state: str, error: str | None = None) -> bool:
+        """Move a training request along (pending -> running -> done | failed)."""
+        with self._write_lock:
+            rows = self._writable_cursor().execute(
+                "UPDATE training_requests SET state = ?, error = ?, updated_at = ? WHERE id = ? RETURNING id",
+                [state, error, self.clock.now(), request_id],
+            ).fetchall()
+        return bool(rows)
+
+
+def _arrow_schema() -> pa.Schema:
+    ts = pa.timestamp("us")
+    types = {"attempts": pa.int32(), "next_attempt_at": ts, "leased_until": ts, "created_at": ts,
+             "updated_at": ts, "finished_at": ts}
+    return pa.schema([(name, types.get(name, pa.string())) for name in _JOB_COLUMNS])
