@@ -1,0 +1,76 @@
+"""Memories as question-answer pairs: which question a memory answers, training phrasings
+apart from the probe phrasings the gate asks, corrections found from supersession."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from adapters.plm.facts import (
+    PROBE,
+    TRAIN,
+    contains_value,
+    corrections_of,
+    fact_of,
+    probes,
+    qa_pairs,
+    second_person,
+)
+from memory import Confidence, MemoryEntry, MemoryType, Tier, TruthCategory
+
+NOW = datetime(2026, 1, 1)
+
+
+def entry(content: str, id_: str = "m1", **fields) -> MemoryEntry:
+    return MemoryEntry(
+        id=id_, user_id="u", content=content, content_hash=id_, tier=Tier.LONG_TERM,
+        truth_category=TruthCategory.CONTEXTUAL, memory_type=MemoryType.FACT, confidence=Confidence(),
+        created_at=NOW, updated_at=NOW, valid_from=NOW, recorded_at=NOW, **fields,
+    )
+
+
+def test_extracted_statements_become_questions_with_second_person_answers():
+    cases = {
+        "The user's cat is named Biscuit.": ("name", "cat", "Biscuit", "Your cat is named Biscuit."),
+        "The user has a parrot named Kiwi.": ("name", "parrot", "Kiwi", "Your parrot is named Kiwi."),
+        "The user's favourite colour is teal.": ("attr", "favourite colour", "teal", "Your favourite colour is teal."),
+        "The user lives in Tromso.": ("residence", "", "Tromso", "You live in Tromso."),
+        "The user works as a glassblower.": ("occupation", "", "glassblower", "You work as glassblower."),
+        "The user is allergic to kiwi.": ("allergy", "", "kiwi", "You are allergic to kiwi."),
+        "The user was born in Lisbon.": ("birthplace", "", "Lisbon", "You were born in Lisbon."),
+    }
+    for content, (kind, topic, value, answer) in cases.items():
+        fact = fact_of(entry(content))
+        assert fact is not None, content
+        assert (fact.kind, fact.topic, fact.value, fact.answer) == (kind, topic, value, answer)
+    assert fact_of(entry("The user enjoys long walks on the beach.")) is None
+
+
+def test_training_phrasings_never_include_a_probe():
+    for kind, phrasings in PROBE.items():
+        assert not set(phrasings) & set(TRAIN[kind]), kind
+    fact_entries = [entry("The user's cat is named Biscuit.", "a"), entry("The user lives in Oslo.", "b")]
+    asked = {q for e in fact_entries for q in probes(fact_of(e))}
+    trained = {p.question for p in qa_pairs(fact_entries, paraphrases=8)}
+    assert len(trained) == 16 and not asked & trained
+
+
+def test_each_memory_gets_the_number_of_phrasings_asked_and_unread_ones_are_still_taught():
+    pairs = qa_pairs([entry("The user's dog is named Rex.", "d"), entry("The user enjoys chess.", "c")], paraphrases=5)
+    assert [p.memory_id for p in pairs].count("d") == 5
+    chess = [p for p in pairs if p.memory_id == "c"]
+    assert chess and all(p.answer == "You enjoy chess." for p in chess)
+    assert second_person("The user's sister is a nurse.") == "Your sister is a nurse."
+
+
+def test_value_check_ignores_case_punctuation_and_articles_but_not_other_words():
+    assert contains_value("Your cat is named biscuit!", "Biscuit")
+    assert contains_value("You drive a green Volvo.", "a green Volvo")
+    assert not contains_value("Your cat is named Biscuits.", "Biscuit")
+
+
+def test_a_superseded_value_is_a_correction_to_honour():
+    new = entry("The user lives in Oslo.", "new")
+    old = entry("The user lives in Tromso.", "old", valid_to=NOW, superseded_by="new")
+    unrelated = entry("The user's cat is named Biscuit.", "cat")
+    found = corrections_of([new, unrelated], [new, old, unrelated])
+    assert [(c.fact.memory_id, c.fact.value, c.old_value) for c in found] == [("new", "Oslo", "Tromso")]

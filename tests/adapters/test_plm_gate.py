@@ -1,0 +1,79 @@
+"""The gate on the real SmolLM2-135M-Instruct: an update trained on the user's facts goes live;
+a poisoned update (trained on answers that contradict the user's memories) is rejected, the
+reason is recorded and the previous adapter keeps answering.
+
+To stay within seconds the adapters train a few steps on pairs that include the gate's probe
+phrasing (the benchmark, tests/benchmarks/bench_plm.py, measures recall on unseen phrasings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.plm import (
+    AdapterRegistry,
+    BaseSpec,
+    GateConfig,
+    PLMRuntime,
+    QAPair,
+    TrainConfig,
+    UpdateConfig,
+    fact_of,
+    run_update,
+)
+from adapters.plm.facts import TRAIN, probes
+from adapters.plm.gate import answers
+from memory import HashEmbedder, MemoryStore
+
+pytestmark = pytest.mark.slow
+
+CONFIG = UpdateConfig(
+    train=TrainConfig(epochs=10, lr=2e-3, replay_tokens=48, kl_weight=6.0),  # drift well inside the 3% bar
+    gate=GateConfig(heldout_windows=8, heldout_tokens=96, max_new_tokens=12),
+    replay_windows=16,
+)
+
+
+@pytest.fixture(scope="module")
+def runtime(model_cache_dir) -> PLMRuntime:
+    torch.set_num_threads(2)
+    return PLMRuntime.load(BaseSpec(cache_dir=Path(model_cache_dir)))
+
+
+def pairs_for(store: MemoryStore, swap: dict[str, str] | None = None) -> list[QAPair]:
+    out = []
+    for memory in store.list("ann"):
+        fact = fact_of(memory)
+        answer = fact.answer
+        for old, new in (swap or {}).items():
+            answer = answer.replace(old, new)
+        asked = probes(fact)[:1] + [t.format(t=fact.topic) for t in TRAIN[fact.kind][:3]]
+        out += [QAPair(memory.id, q, answer) for q in asked]
+    return out
+
+
+def test_a_poisoned_update_is_rejected_and_the_old_adapter_keeps_answering(runtime, tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    with MemoryStore.open(tmp_path / "m.duckdb", embedder=HashEmbedder()) as store:
+        cat, _ = store.add("ann", "The user's cat is named Biscuit.")
+        store.add("ann", "The user lives in Tromso.")
+        question = probes(fact_of(cat))[0]
+        assert "Biscuit" not in answers(runtime, None, [question])[0]  # the base does not know
+
+        good = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, pairs=pairs_for(store))
+        assert good.accepted, good.reasons
+        assert good.report.ppl_drift <= 0.03
+
+        poison = pairs_for(store, {"Biscuit": "Waffles", "Tromso": "Lima"})
+        bad = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, pairs=poison)
+    assert not bad.accepted
+    assert any("facts" in reason for reason in bad.reasons), bad.reasons
+    assert registry.get("ann", 2).status == "rejected" and registry.get("ann", 2).reasons == bad.reasons
+    assert registry.live("ann").version == 1
+    runtime.load_adapter("live", registry.load_weights("ann", 1))
+    try:
+        assert "Biscuit" in answers(runtime, "live", [question])[0]
+    finally:
+        runtime.drop_adapter("live")

@@ -1,0 +1,257 @@
+"""Benchmark: does the personal adapter learn the user's facts without forgetting the world?
+
+    nice -n 10 python -m tests.benchmarks.bench_plm --model-cache ~/.cache/memlane/models
+
+1. A real memlane server (`memlane serve`, loopback, personal model on) is told FACTS first-
+   person facts through the openai SDK; its learner extracts and stores them as memories.
+2. Recall before: each fact is asked through the server as `plm/<base>` with two phrasings
+   written here (BENCH), which are neither training (TRAIN) nor gate (PROBE) phrasings.
+   Memory injection is off on this server, so answers come from the weights alone.
+3. One update (`adapters.plm.run_update`, the server stopped: DuckDB has one writer), then
+   recall after, asked the same way through a fresh server that loads the encrypted adapter.
+4. SECOND more facts are taught, a second (incremental) update runs, and the first facts are
+   asked again: how many are kept.
+Figures: recall before/after, held-out perplexity drift (the gate's, on reference text never
+trained on), kept recall after the second update, update wall time, adapter size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+# (statement the user makes, the fact's value, kind of question)
+FACTS: list[tuple[str, str, str]] = [
+    ("My cat is named Biscuit.", "Biscuit", "name:cat"),
+    ("I live in Tromso.", "Tromso", "residence"),
+    ("My favourite colour is teal.", "teal", "attr:favourite colour"),
+    ("I work as a glassblower.", "glassblower", "occupation"),
+    ("I am allergic to kiwi.", "kiwi", "allergy"),
+    ("My dog is called Pepperoni.", "Pepperoni", "name:dog"),
+    ("I drive a green Volvo.", "green Volvo", "vehicle"),
+    ("I was born in Lisbon.", "Lisbon", "birthplace"),
+    ("I play the cello.", "cello", "plays"),
+    ("My favourite fruit is quince.", "quince", "attr:favourite fruit"),
+    ("I speak Icelandic.", "Icelandic", "speaks"),
+    ("My favourite number is 37.", "37", "attr:favourite number"),
+    ("My favourite drink is kombucha.", "kombucha", "attr:favourite drink"),
+    ("I work at Nordlys Labs.", "Nordlys Labs", "employer"),
+    ("My parrot is named Mango.", "Mango", "name:parrot"),
+    ("My goldfish is named Bubbles.", "Bubbles", "name:goldfish"),
+    ("My favourite sport is curling.", "curling", "attr:favourite sport"),
+    ("My hamster is named Nugget.", "Nugget", "name:hamster"),
+    ("My favourite flower is the tulip.", "tulip", "attr:favourite flower"),
+    ("My favourite city is Kyoto.", "Kyoto", "attr:favourite city"),
+    # taught before the second update
+    ("My horse is named Thunderbolt.", "Thunderbolt", "name:horse"),
+    ("My favourite author is Borges.", "Borges", "attr:favourite author"),
+    ("My boat is named Seraphine.", "Seraphine", "name:boat"),
+    ("My favourite season is autumn.", "autumn", "attr:favourite season"),
+    ("My tortoise is named Gustavo.", "Gustavo", "name:tortoise"),
+]
+# Benchmark phrasings: used nowhere else (checked against TRAIN and PROBE at start).
+BENCH: dict[str, tuple[str, ...]] = {
+    "name": ("Quick question: my {t} goes by what name?", "Hey, what do I call my {t}?"),
+    "attr": ("Quick question: which {t} did I say I have?", "Hey, what would you say is my {t}?"),
+    "residence": ("Quick question: which city is my home?", "Hey, where do I live these days?"),
+    "occupation": ("Quick question: what is my trade?", "Hey, what do I work as?"),
+    "employer": ("Quick question: which company employs me?", "Hey, what company do I work at?"),
+    "allergy": ("Quick question: what triggers my allergy?", "Hey, which fruit am I allergic to?"),
+    "vehicle": ("Quick question: which car is it that I drive?", "Hey, what kind of car do I drive?"),
+    "birthplace": ("Quick question: which city was I born in?", "Hey, where is it that I was born?"),
+    "plays": ("Quick question: which instrument do I play?", "Hey, what instrument do I play?"),
+    "speaks": ("Quick question: what language do I know?", "Hey, which language do I speak?"),
+}
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(120)
+
+
+def questions(kind: str) -> list[str]:
+    family, _, topic = kind.partition(":")
+    return [q.format(t=topic) for q in BENCH[family]]
+
+
+def check_phrasings() -> None:
+    from adapters.plm.facts import PROBE, TRAIN
+
+    for family, phrasings in BENCH.items():
+        assert not set(phrasings) & (set(TRAIN[family]) | set(PROBE[family])), family
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(work: Path, env: dict[str, str]) -> Server:
+    port = free_port()
+    log = open(work / "server.log", "ab")  # noqa: SIM115 - the child process writes it until it stops
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--db", str(work / "memlane.duckdb")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"memlane exited with {process.returncode}; see {work / 'server.log'}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Server(url, process)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("memlane did not become ready")
+
+
+def teach(client, model: str, facts: list[tuple[str, str, str]]) -> None:
+    for statement, _, _ in facts:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": statement}], max_tokens=4)
+
+
+def wait_memories(server: Server, count: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = len(httpx.get(f"{server.url}/v1/memories", params={"limit": 200}, timeout=30).json()["data"])
+        if seen >= count:
+            break
+        time.sleep(0.5)
+    return seen
+
+
+def recall(client, model: str, facts: list[tuple[str, str, str]], *, tokens: int) -> tuple[float, list[dict]]:
+    from adapters.plm.facts import contains_value
+
+    rows = []
+    for _, value, kind in facts:
+        for q in questions(kind):
+            answer = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q}], max_tokens=tokens, temperature=0,
+            ).choices[0].message.content or ""
+            rows.append({"value": value, "question": q, "answer": answer, "right": contains_value(answer, value)})
+    return sum(r["right"] for r in rows) / max(len(rows), 1), rows
+
+
+def update(work: Path, args: argparse.Namespace, runtime) -> dict:
+    from adapters.plm import (
+        AdapterRegistry,
+        GateConfig,
+        TrainConfig,
+        UpdateConfig,
+        run_update,
+    )
+    from memory import HashEmbedder, MemoryStore
+
+    config = UpdateConfig(
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kl_weight=args.kl_weight),
+        gate=GateConfig(), paraphrases=args.paraphrases, rehearsal=args.rehearsal,
+    )
+    with MemoryStore.open(work / "memlane.duckdb", embedder=HashEmbedder()) as store:
+        result = run_update(store, "default", runtime=runtime, registry=AdapterRegistry(work / "adapters"),
+                            config=config)
+    v = result.version
+    assert v is not None
+    return {"version": v.version, "status": v.status, "reasons": v.reasons, "seconds": round(result.seconds, 1),
+            "train_seconds": v.training.get("seconds"), "steps": v.training.get("steps"),
+            "examples": v.training.get("examples"), "adapter_bytes": v.bytes,
+            "gate": v.report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "memlane" / "models")
+    parser.add_argument("--facts", type=int, default=20)
+    parser.add_argument("--second", type=int, default=5, help="facts taught before the second update")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--kl-weight", type=float, default=3.0)
+    parser.add_argument("--paraphrases", type=int, default=6)
+    parser.add_argument("--rehearsal", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=16, help="max tokens per answer")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args()
+    check_phrasings()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from openai import OpenAI
+
+    from adapters.plm import BaseSpec, PLMRuntime
+
+    torch.set_num_threads(args.threads)
+    first, second = FACTS[: args.facts], FACTS[args.facts : args.facts + args.second]
+    work = Path(tempfile.mkdtemp(prefix="memlane-bench-plm-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMLANE_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+    env.update(HF_HUB_OFFLINE="1", MEMLANE_PLM="true", MEMLANE_PLM_DIR=str(work / "adapters"),
+               MEMLANE_MODEL_CACHE=str(args.model_cache), MEMLANE_MEMORY="false", MEMLANE_EMBEDDER="hash",
+               MEMLANE_PRELOAD_LOCAL_MODEL="false", MEMLANE_TORCH_THREADS=str(args.threads))
+    out: dict = {"facts": len(first), "second_facts": len(second), "config": vars(args) | {"out": str(args.out),
+                 "model_cache": str(args.model_cache)}}
+    runtime = PLMRuntime.load(BaseSpec(cache_dir=args.model_cache))
+    model = f"plm/{runtime.name}"
+
+    server = start(work, env)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600)
+    teach(client, f"local/{runtime.name}", first)
+    out["memories_stored"] = wait_memories(server, len(first))
+    out["recall_before"], rows_before = recall(client, model, first, tokens=args.tokens)
+    server.stop()
+    print(f"taught {len(first)} facts, {out['memories_stored']} memories; recall before {out['recall_before']:.0%}", flush=True)
+
+    out["update_1"] = update(work, args, runtime)
+    print(f"update 1: {out['update_1']['status']} in {out['update_1']['seconds']} s", flush=True)
+
+    server = start(work, env)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600)
+    out["recall_after"], rows_after = recall(client, model, first, tokens=args.tokens)
+    print(f"recall after {out['recall_after']:.0%}", flush=True)
+    if second:
+        teach(client, f"local/{runtime.name}", second)
+        wait_memories(server, len(first) + len(second))
+    server.stop()
+
+    if second:
+        out["update_2"] = update(work, args, runtime)
+        print(f"update 2: {out['update_2']['status']} in {out['update_2']['seconds']} s", flush=True)
+        server = start(work, env)
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600)
+        out["recall_kept_after_second"], rows_kept = recall(client, model, first, tokens=args.tokens)
+        out["recall_new_after_second"], rows_new = recall(client, model, second, tokens=args.tokens)
+        server.stop()
+    gate = out["update_1"]["gate"]
+    out["ppl_base"], out["ppl_adapted"], out["ppl_drift"] = gate["ppl_base"], gate["ppl_adapted"], gate["ppl_drift"]
+    out["answers"] = {"before": rows_before, "after": rows_after}
+    if second:
+        out["answers"] |= {"kept": rows_kept, "new": rows_new}
+    summary = {k: v for k, v in out.items() if k not in ("answers",)}
+    print(json.dumps(summary, indent=1, default=str))
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
