@@ -1,0 +1,79 @@
+"""Which memories may leave for which upstream: the egress policy over sensitivity labels.
+
+Every memory carries a sensitivity label (``none``, ``personal``, ``health``, ``finance``,
+``credentials``). The policy (``MEMLANE_EGRESS_POLICY``) is a list of rules separated by ``;``,
+each ``labels:providers`` with both sides comma-separated: ``health,finance:local`` lets health
+and finance memories reach only the embedded local model; ``health:local,plm,ollama`` adds the
+personal model and Ollama; ``credentials:none`` keeps credentials out of every prompt. A label no
+rule names goes anywhere, except ``credentials``, which goes nowhere unless a rule names it. The
+policy is applied where memories are injected (``proxy/recall.py``), for every endpoint and
+target format, so a memory a provider may not see is never in the bytes sent to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from memory import Sensitivity
+
+PROVIDERS = frozenset({"local", "plm", "ollama", "openai", "anthropic"})  # plm: the personal model, on this machine
+NOWHERE = "none"
+DEFAULT_RULES = {Sensitivity.CREDENTIALS.value: frozenset[str]()}  # apply unless the policy names the label
+
+T = TypeVar("T")
+
+
+class EgressPolicyError(ValueError):
+    """A policy string that cannot be parsed; the message says which part."""
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    # label -> the providers it may reach; labels not here may reach every provider
+    allowed: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> EgressPolicy:
+        allowed: dict[str, frozenset[str]] = {}
+        named: set[str] = set()
+        for rule in (r.strip() for r in text.replace("\n", ";").split(";")):
+            if not rule:
+                continue
+            labels_part, colon, providers_part = rule.partition(":")
+            if not colon:
+                raise EgressPolicyError(f"rule {rule!r}: write it as labels:providers, e.g. health,finance:local")
+            labels = _names(labels_part)
+            providers = _names(providers_part)
+            known = {s.value for s in Sensitivity}
+            if not labels or not set(labels) <= known:
+                raise EgressPolicyError(f"rule {rule!r}: labels are some of {', '.join(sorted(known))}")
+            if not providers or not set(providers) <= PROVIDERS | {NOWHERE}:
+                raise EgressPolicyError(
+                    f"rule {rule!r}: providers are some of {', '.join(sorted(PROVIDERS))}, or {NOWHERE}")
+            if NOWHERE in providers and len(providers) > 1:
+                raise EgressPolicyError(f"rule {rule!r}: '{NOWHERE}' cannot be combined with providers")
+            for label in labels:
+                if label in named:
+                    raise EgressPolicyError(f"rule {rule!r}: label {label!r} has two rules")
+                named.add(label)
+                allowed[label] = frozenset(p for p in providers if p != NOWHERE)
+        return cls({**DEFAULT_RULES, **allowed})
+
+    def permits(self, label: str, provider: str) -> bool:
+        providers = self.allowed.get(label)
+        return providers is None or provider in providers
+
+    def filter(self, memories: Iterable[T], provider: str) -> list[T]:
+        """The memories (anything with a ``sensitivity``) that may be sent to ``provider``."""
+        return [m for m in memories if self.permits(_label(m), provider)]
+
+
+def _names(part: str) -> list[str]:
+    return [n.strip().lower() for n in part.split(",") if n.strip()]
+
+
+def _label(memory: object) -> str:
+    label = getattr(memory, "sensitivity", Sensitivity.NONE)
+    return str(getattr(label, "value", label))

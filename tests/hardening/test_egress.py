@@ -1,0 +1,140 @@
+"""Sensitivity labels and the egress policy: a health memory reaches local models and never an
+OpenAI or Anthropic upstream, asserted on the bytes the fake upstreams received."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from memory import HashEmbedder, MemoryStore, Sensitivity, connect
+from proxy.cli import app as cli_app
+from proxy.egress import EgressPolicy, EgressPolicyError
+from proxy.settings import Settings, SettingsError
+from tests.hardening.test_injection import proxy_with
+from tests.proxy.conftest import ENV
+
+HEALTH = "The user kiwi has type 1 diabetes and takes insulin."
+FINANCE = "The user kiwi banks at Nordbank with account 12345."
+PLAIN = "The user kiwi lives in Oslo."
+CREDENTIALS = "The user kiwi wifi password is hunter2."
+QUERY = "kiwi diabetes insulin Nordbank account Oslo wifi password"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = MemoryStore.open(tmp_path / "memlane.duckdb", embedder=HashEmbedder())
+    yield s
+    s.close()
+
+
+def _labelled(store: MemoryStore) -> None:
+    for content, label in ((HEALTH, "health"), (FINANCE, "finance"), (PLAIN, "none"), (CREDENTIALS, "credentials")):
+        memory, _ = store.add("default", content, source="api")
+        store.update_entry("default", memory.id, sensitivity=label)
+
+
+def _chat(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": QUERY}]}
+
+
+def _sent(recorder) -> str:
+    """What memlane added to the last request an upstream received (the user's own turn aside)."""
+    body = recorder.bodies[-1]
+    if "system" in body:  # /v1/messages
+        return json.dumps(body["system"])
+    return json.dumps([m for m in body["messages"] if m["role"] == "system"])
+
+
+async def test_health_and_finance_reach_local_models_only(tmp_path, store):
+    _labelled(store)
+    async with proxy_with(tmp_path, store, egress_policy="health,finance:local") as (client, seen):
+        for model in ("local/smollm2-135m-instruct", "gpt-4o-mini", "claude-3-5-haiku", "ollama/llama3"):
+            r = await client.post("/v1/chat/completions", json=_chat(model))
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/messages", json={**_chat("claude-3-5-haiku"), "max_tokens": 5})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-memlane-memories"] == "1"
+    local = _sent(seen["local"])
+    assert "diabetes" in local and "Nordbank" in local and "Oslo" in local
+    for upstream in ("openai", "anthropic", "ollama", "messages"):
+        sent = _sent(seen[upstream])
+        assert "Oslo" in sent, upstream  # unlabelled memories still go everywhere
+        assert "diabetes" not in sent and "insulin" not in sent and "Nordbank" not in sent, upstream
+    # credentials go nowhere, local included, unless a rule names them
+    assert all("hunter2" not in _sent(seen[u]) for u in ("local", "openai", "anthropic", "ollama", "messages"))
+
+
+async def test_a_rule_can_let_a_label_reach_named_providers(tmp_path, store):
+    _labelled(store)
+    policy = "health:local,ollama; credentials:local"
+    async with proxy_with(tmp_path, store, egress_policy=policy) as (client, seen):
+        for model in ("local/smollm2-135m-instruct", "gpt-4o-mini", "ollama/llama3"):
+            assert (await client.post("/v1/chat/completions", json=_chat(model))).status_code == 200
+    assert "diabetes" in _sent(seen["ollama"]) and "hunter2" not in _sent(seen["ollama"])
+    assert "hunter2" in _sent(seen["local"])
+    assert "diabetes" not in _sent(seen["openai"]) and "Nordbank" in _sent(seen["openai"])  # finance: no rule
+
+
+async def test_the_memories_api_sets_and_changes_the_label(tmp_path, store):
+    async with proxy_with(tmp_path, store, egress_policy="health:local") as (client, seen):
+        r = await client.post("/v1/memories", json={"content": HEALTH, "sensitivity": "health"})
+        assert r.status_code == 201 and r.json()["sensitivity"] == "health"
+        memory_id = r.json()["id"]
+        assert (await client.get(f"/v1/memories/{memory_id}")).json()["sensitivity"] == "health"
+        assert "diabetes" not in await _ask(client, seen, "gpt-4o-mini")
+        r = await client.patch(f"/v1/memories/{memory_id}", json={"sensitivity": "none"})
+        assert r.status_code == 200 and r.json()["sensitivity"] == "none"
+        assert "diabetes" in await _ask(client, seen, "gpt-4o-mini")
+        r = await client.patch(f"/v1/memories/{memory_id}", json={"sensitivity": "secret"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "sensitivity"
+        r = await client.post("/v1/memories", json={"content": PLAIN})
+        assert r.json()["sensitivity"] == "none"
+        export = (await client.get("/v1/memories/export")).text
+        assert {json.loads(line)["sensitivity"] for line in export.splitlines()} == {"none"}
+
+
+async def _ask(client, seen, model: str) -> str:
+    assert (await client.post("/v1/chat/completions", json=_chat(model))).status_code == 200
+    return _sent(seen["openai"])
+
+
+def test_the_cli_sets_the_label(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMLANE_EMBEDDER", "hash")
+    database = tmp_path / "cli.duckdb"
+    r = CliRunner().invoke(cli_app, ["memories", "add", HEALTH, "--sensitivity", "health", "--db", str(database)])
+    assert r.exit_code == 0, r.output
+    memory_id = re.search(r"added: ([0-9a-f]{32})", r.output).group(1)
+    r = CliRunner().invoke(cli_app, ["memories", "patch", memory_id, "--sensitivity", "finance", "--db", str(database)])
+    assert r.exit_code == 0, r.output
+    with MemoryStore.open(database, embedder=HashEmbedder()) as s:
+        assert s.get("default", memory_id).sensitivity == Sensitivity.FINANCE
+    r = CliRunner().invoke(cli_app, ["memories", "add", PLAIN, "--sensitivity", "secret", "--db", str(database)])
+    assert r.exit_code != 0
+
+
+def test_a_database_from_before_the_label_opens_with_every_memory_unlabelled(tmp_path):
+    path = tmp_path / "old.duckdb"
+    with MemoryStore.open(path, embedder=HashEmbedder()) as s:
+        s.add("default", PLAIN, source="api")
+    conn = connect(path)  # take the database back to before m006
+    conn.execute("DROP INDEX memories_user")  # DuckDB alters no table an index depends on
+    conn.execute("ALTER TABLE memories DROP COLUMN sensitivity")
+    conn.execute("CREATE INDEX memories_user ON memories (user_id)")
+    conn.execute("DELETE FROM schema_migrations WHERE version = 6")
+    conn.close()
+    with MemoryStore.open(path, embedder=HashEmbedder()) as s:
+        (memory,) = s.list("default")
+        assert memory.content == PLAIN and memory.sensitivity == Sensitivity.NONE
+
+
+@pytest.mark.parametrize("policy", ["health", "health:mars", "secrets:local", "health:local;health:none",
+                                    "health:none,local"])
+def test_a_bad_policy_fails_at_start_up_naming_the_setting(policy):
+    with pytest.raises(EgressPolicyError):
+        EgressPolicy.parse(policy)
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({**ENV, "MEMLANE_EGRESS_POLICY": policy})
+    assert "egress_policy" in str(caught.value)
