@@ -72,8 +72,25 @@ def train(
                       device=device, seed=seed, checkpoint_every=checkpoint_every)
     source = task_source(task, batch_size, seq_len, span=model.cfg.plasticity_span)
     typer.echo(f"training {model.num_parameters():,} parameters on {task} for {steps} batches")
-    history = run_training(model, source, cfg, checkpoint=out)
+    history = _train_with_progress(run_training, model, source, cfg, out)
     typer.echo(json.dumps(history[-1]))
+
+
+def _train_with_progress(run_training, model, source, cfg, out: Path) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Training with a rich bar on stderr (one step per batch drawn), off when not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        steps = bar.add_task("training", total=cfg.steps)
+
+        def counted(gen):  # type: ignore[no-untyped-def]
+            bar.advance(steps)
+            return source(gen)
+
+        return run_training(model, counted, cfg, checkpoint=out)
 
 
 @app.command("eval")
