@@ -4,6 +4,7 @@ hybrid retrieval, promotion and forgetting, export and import.
 Other packages import only the names below.
 """
 
+from memory.domains import DomainCount, infer_domains
 from memory.embed import BatchingEmbedder, Embedder, HashEmbedder, MiniLMEmbedder
 from memory.entry import (
     Confidence,
@@ -11,13 +12,16 @@ from memory.entry import (
     MemorySource,
     MemoryType,
     ScoreParts,
+    Sensitivity,
     Tier,
     TruthCategory,
     entry_from_dict,
     entry_to_dict,
 )
 from memory.extensions import ExtensionNotFoundError, connect, load_extensions
+from memory.feedback import FeedbackRecord
 from memory.interactions import InteractionRecord
+from memory.jobs import JOB_STATES, Job, NewJob, RetryPolicy, TrainingRequest
 from memory.migrations import MIGRATIONS, MigrationError
 from memory.ownership import (
     DuplicateContentError,
@@ -45,17 +49,21 @@ from memory.tiers import MaintenanceReport, TierPolicy
 
 __all__ = [
     "EMBEDDING_DIM",
+    "JOB_STATES",
     "MIGRATIONS",
     "BatchingEmbedder",
     "Clock",
     "Confidence",
+    "DomainCount",
     "DuplicateContentError",
     "Embedder",
     "ExtensionNotFoundError",
+    "FeedbackRecord",
     "HashEmbedder",
     "ImportFormatError",
     "ImportReport",
     "InteractionRecord",
+    "Job",
     "Link",
     "MaintenanceReport",
     "MemoryEntry",
@@ -64,14 +72,18 @@ __all__ = [
     "MemoryType",
     "MigrationError",
     "MiniLMEmbedder",
+    "NewJob",
     "ReadOnlyStoreError",
     "RememberResult",
     "RetrievalWeights",
+    "RetryPolicy",
     "ScoreParts",
+    "Sensitivity",
     "StoreClosedError",
     "SystemClock",
     "Tier",
     "TierPolicy",
+    "TrainingRequest",
     "TruthCategory",
     "candidate_count",
     "connect",
@@ -83,6 +95,7 @@ __all__ = [
     "export_parquet",
     "import_jsonl",
     "import_parquet",
+    "infer_domains",
     "load_extensions",
     "parse_relation",
 ]

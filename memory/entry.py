@@ -20,6 +20,7 @@ __all__ = [
     "MemorySource",
     "MemoryType",
     "ScoreParts",
+    "Sensitivity",
     "Tier",
     "TruthCategory",
     "entry_from_dict",
@@ -47,6 +48,16 @@ class MemoryType(StrEnum):
     SKILL = "SKILL"
     EVENT = "EVENT"
     CONTEXT = "CONTEXT"
+
+
+class Sensitivity(StrEnum):
+    """How private a memory is; the proxy's egress policy decides which upstreams may see each label."""
+
+    NONE = "none"
+    PERSONAL = "personal"
+    HEALTH = "health"
+    FINANCE = "finance"
+    CREDENTIALS = "credentials"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +133,7 @@ class MemoryEntry:
     supports: tuple[str, ...] = ()
     sources: tuple[MemorySource, ...] = field(default=())
     score: ScoreParts | None = None  # set on search results
+    sensitivity: Sensitivity = Sensitivity.NONE  # egress label: which upstreams may be told this
 
     @property
     def is_current(self) -> bool:
@@ -168,6 +180,7 @@ def entry_from_dict(data: dict) -> MemoryEntry:
     fields["tier"] = Tier(fields["tier"])
     fields["truth_category"] = TruthCategory(fields["truth_category"])
     fields["memory_type"] = MemoryType(fields["memory_type"])
+    fields["sensitivity"] = Sensitivity(fields.get("sensitivity") or Sensitivity.NONE)
     fields["confidence"] = Confidence(**fields["confidence"])
     fields["sources"] = tuple(
         MemorySource(**{**s, "recorded_at": _time(s.get("recorded_at"))})

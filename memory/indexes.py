@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 import structlog
 
-from memory.rows import vector_param
+from memory.rows import EMBEDDING_DIM, vector_param
 
 __all__ = ["EXACT_SCAN_MAX_ROWS", "HNSW_INDEX", "IndexedSearch"]
 
@@ -257,7 +257,7 @@ class IndexedSearch:
         ).fetch_arrow_table()
         ids = table.column("id").to_pylist()
         flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        matrix = np.asarray(flat, dtype=np.float32).reshape(len(ids), -1)  # (n, 384)
+        matrix = np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)  # (n, 384)
         cached = _UserVectors(ids, matrix, {memory_id: row for row, memory_id in enumerate(ids)})
         self._vector_cache[user_id] = cached
         while sum(len(v.ids) for v in self._vector_cache.values()) > VECTOR_CACHE_MAX_ROWS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -69,6 +70,8 @@ class InteractionLog:
 
     def _writable_cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
 
+    def _joined_transaction(self, cursor: duckdb.DuckDBPyConnection) -> AbstractContextManager[None]: ...
+
     def log_interactions(self, records: Sequence[InteractionRecord]) -> None:
         """Append interactions in one transaction.
 
@@ -91,15 +94,10 @@ class InteractionLog:
             cursor = self._writable_cursor()
             if len(params) <= _SMALL_BATCH:
                 placeholders = ", ".join("?" for _ in _COLUMNS)
-                cursor.execute("BEGIN TRANSACTION")
-                try:
+                with self._joined_transaction(cursor):
                     cursor.executemany(
                         f"INSERT INTO interactions ({columns}) VALUES ({placeholders})", params
                     )
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    cursor.execute("ROLLBACK")
-                    raise
                 return
             batch = pa.table({name: [row[i] for row in params] for i, name in enumerate(_COLUMNS)})
             cursor.register("interactions_batch", batch)

@@ -194,9 +194,115 @@ def m002_pms(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("ALTER TABLE interactions ADD COLUMN conversation_id VARCHAR")
 
 
+def m003_learner_jobs(conn: duckdb.DuckDBPyConnection) -> None:
+    """The learner's durable queue (`memory.jobs`): one job per interaction to learn from, its
+    state (pending -> leased -> done, or back to pending with a later `next_attempt_at`, or dead:
+    the dead letters), per-user trigger counters, and training requests for the personal model.
+
+    No index on `state`: DuckDB updates an indexed column as delete + insert, which its unique
+    checks reject when the same row changes twice in one transaction.
+    """
+    conn.execute(
+        """
+        CREATE TABLE learner_jobs (
+            id              VARCHAR PRIMARY KEY,  -- the interaction's request id
+            kind            VARCHAR NOT NULL,     -- extract
+            user_id         VARCHAR NOT NULL,
+            input           VARCHAR,              -- the user's latest turn, as the client sent it
+            conversation_id VARCHAR,
+            state           VARCHAR NOT NULL,     -- pending | leased | done | dead
+            attempts        INTEGER NOT NULL,     -- leases so far
+            next_attempt_at TIMESTAMP NOT NULL,   -- naive UTC; a retry waits until then
+            lease_owner     VARCHAR,
+            leased_until    TIMESTAMP,
+            last_error      VARCHAR,
+            result          JSON,                 -- what applying it did: memory ids, extractor
+            created_at      TIMESTAMP NOT NULL,
+            updated_at      TIMESTAMP NOT NULL,
+            finished_at     TIMESTAMP             -- done or dead
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE learner_users (
+            user_id          VARCHAR PRIMARY KEY,
+            pending          INTEGER NOT NULL,    -- interactions learned since the last run
+            first_pending_at TIMESTAMP,
+            last_run_at      TIMESTAMP
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE training_requests (
+            id           VARCHAR PRIMARY KEY,
+            user_id      VARCHAR NOT NULL,
+            reason       VARCHAR NOT NULL,        -- interactions | schedule | request
+            interactions INTEGER NOT NULL,        -- learned since the previous request
+            requested_at TIMESTAMP NOT NULL,
+            state        VARCHAR NOT NULL,        -- pending | running | done | failed
+            updated_at   TIMESTAMP NOT NULL,
+            error        VARCHAR
+        )
+        """
+    )
+    conn.execute("CREATE INDEX learner_jobs_user ON learner_jobs (user_id)")
+    conn.execute("CREATE INDEX training_requests_user ON training_requests (user_id)")
+
+
+def m004_feedback_domains(conn: duckdb.DuckDBPyConnection) -> None:
+    """The user's feedback on answers, and per-user counts of the knowledge domains touched.
+
+    `feedback` holds one row per rated response (the interaction's request id): rating good or
+    bad, an optional correction, the training weight it gives (x1.5 good, x0.5 bad, x3.0 a
+    correction) and what it did to memories. `domain_activations` counts, per user and domain,
+    how often retrieval served a memory of it and how often a new memory of it was written
+    (seed 004, phase 3: which domains a personal model can prune).
+    """
+    conn.execute(
+        """
+        CREATE TABLE feedback (
+            request_id  VARCHAR PRIMARY KEY,   -- the interaction rated (x-request-id)
+            user_id     VARCHAR NOT NULL,
+            rating      VARCHAR,               -- good | bad | NULL (a correction alone)
+            correction  VARCHAR,               -- the answer the user wanted
+            weight      DOUBLE NOT NULL,       -- 1.5 good, 0.5 bad, 3.0 with a correction
+            result      JSON,                  -- memories corrected: superseded and created ids
+            created_at  TIMESTAMP NOT NULL,
+            updated_at  TIMESTAMP NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX feedback_user ON feedback (user_id)")
+    conn.execute(
+        """
+        CREATE TABLE domain_activations (
+            user_id    VARCHAR NOT NULL,
+            domain     VARCHAR NOT NULL,
+            source     VARCHAR NOT NULL,       -- retrieval | memory
+            count      BIGINT NOT NULL,
+            first_at   TIMESTAMP NOT NULL,
+            last_at    TIMESTAMP NOT NULL,
+            PRIMARY KEY (user_id, domain, source)
+        )
+        """
+    )
+
+
+def m006_sensitivity(conn: duckdb.DuckDBPyConnection) -> None:
+    """A sensitivity label per memory (none | personal | health | finance | credentials): the
+    proxy's egress policy decides which upstreams may be told memories of each label."""
+    conn.execute("ALTER TABLE memories ADD COLUMN sensitivity VARCHAR DEFAULT 'none'")
+    conn.execute("UPDATE memories SET sensitivity = 'none' WHERE sensitivity IS NULL")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "m001_initial", m001_initial),
     Migration(2, "m002_pms", m002_pms),
+    Migration(3, "m003_learner_jobs", m003_learner_jobs),
+    Migration(4, "m004_feedback_domains", m004_feedback_domains),
+    Migration(6, "m006_sensitivity", m006_sensitivity),
 )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from memory.entry import Confidence, MemoryEntry, MemoryType, Tier, TruthCategory
+from memory.entry import Confidence, MemoryEntry, MemoryType, Sensitivity, Tier, TruthCategory
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -33,7 +33,7 @@ ENTRY_COLUMNS = (
     "confidence, source_reliability, recency, corroboration_count, contradiction_count, "
     "importance, tags, domains, entities, subject, relation, value, validated, valid_from, "
     "valid_to, recorded_at, superseded_by, supersedes, identity_since, expires_at, "
-    "created_at, updated_at, last_accessed, access_count"
+    "created_at, updated_at, last_accessed, access_count, sensitivity"
 )
 # Columns `update_entry` may set; everything else is fixed at insert.
 UPDATABLE = frozenset(
@@ -43,7 +43,7 @@ UPDATABLE = frozenset(
         "contradiction_count", "importance", "tags", "domains", "entities", "subject",
         "relation", "value", "validated", "valid_from", "valid_to", "superseded_by",
         "supersedes", "identity_since", "expires_at", "updated_at", "last_accessed",
-        "access_count",
+        "access_count", "sensitivity",
     }
 )
 
@@ -70,7 +70,7 @@ def entry_from_row(row: Sequence[Any]) -> MemoryEntry:
     (id_, user_id, content, summary, digest, tier, truth, mtype, overall, reliability, recency,
      corroborations, contradictions, importance, tags, domains, entities, subject, relation,
      value, validated, valid_from, valid_to, recorded_at, superseded_by, supersedes,
-     identity_since, expires_at, created_at, updated_at, last_accessed, access_count) = row
+     identity_since, expires_at, created_at, updated_at, last_accessed, access_count, sensitivity) = row
     del identity_since  # kept in the table for the promotion rule
     return MemoryEntry(
         id=id_, user_id=user_id, content=content, summary=summary, content_hash=digest,
@@ -81,7 +81,7 @@ def entry_from_row(row: Sequence[Any]) -> MemoryEntry:
         validated=validated, valid_from=valid_from, valid_to=valid_to, recorded_at=recorded_at,
         superseded_by=superseded_by, supersedes=supersedes, expires_at=expires_at,
         created_at=created_at, updated_at=updated_at, last_accessed=last_accessed,
-        access_count=access_count,
+        access_count=access_count, sensitivity=Sensitivity(sensitivity or Sensitivity.NONE),
     )
 
 
@@ -99,5 +99,5 @@ def entry_params(entry: MemoryEntry, identity_since: datetime | None) -> list[An
         entry.subject, entry.relation, entry.value, entry.validated, entry.valid_from,
         entry.valid_to, entry.recorded_at, entry.superseded_by, entry.supersedes,
         identity_since, entry.expires_at, entry.created_at, entry.updated_at,
-        entry.last_accessed, entry.access_count,
+        entry.last_accessed, entry.access_count, entry.sensitivity.value,
     ]

@@ -3,7 +3,9 @@
 Tables (see `memory.migrations`): `memories` holds each MemoryEntry's fields and is updated in
 place (access statistics, tiers, counts); `memory_vectors` holds the embeddings under an HNSW
 index and is only inserted into and deleted from; `memory_links` and `memory_sources` hold the
-relations and the provenance; `interactions` is the teacher log (`memory.interactions`).
+relations and the provenance; `interactions` is the teacher log (`memory.interactions`);
+`feedback` and `domain_activations` hold the user's ratings of answers and the knowledge domains
+their memories and retrievals touch (`memory.feedback`, `memory.domains`).
 
 Rules live beside the store, as functions over it: writing with dedup and supersession in
 `memory.remember`, ranking in `memory.retrieve`, tiers, decay and expiry in `memory.tiers`,
@@ -33,10 +35,11 @@ search finds new rows meanwhile.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +52,7 @@ import structlog
 from memory import remember as _remember
 from memory import retrieve as _retrieve
 from memory import tiers as _tiers
+from memory.domains import DomainActivations, domains_of
 from memory.embed import Embedder
 from memory.entry import (
     MemoryEntry,
@@ -58,8 +62,10 @@ from memory.entry import (
     TruthCategory,
 )
 from memory.extensions import ATTACHED_NAME, connect
-from memory.indexes import IndexedSearch
+from memory.feedback import FeedbackLog
+from memory.indexes import CREATE_HNSW, HNSW_INDEX, IndexedSearch
 from memory.interactions import InteractionLog
+from memory.jobs import JobQueue
 from memory.migrations import apply_migrations, check_schema_current
 from memory.relations import content_hash
 from memory.restore import RestoreQueries
@@ -104,7 +110,7 @@ class SystemClock:
         return datetime.now(UTC).replace(tzinfo=None)
 
 
-class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
+class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, FeedbackLog, DomainActivations):
     """Build with `MemoryStore.open(...)`."""
 
     def __init__(
@@ -142,6 +148,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
         self._background = concurrent.futures.ThreadPoolExecutor(1, "memlane-store")
         self._refreshing = False
         self.wipe_hooks: list[Callable[[str], None]] = []  # called with the user id on wipe
+        # called with the user id and the ids deleted (the personal model marks adapters stale there)
+        self.delete_hooks: list[Callable[[str, list[str]], None]] = []
 
     @classmethod
     def open(
@@ -224,6 +232,46 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
             raise ReadOnlyStoreError("memory store was opened read-only")
         return self._cursor()
 
+    @contextlib.contextmanager
+    def transaction(self, *, users: Sequence[str] = ()) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction for several writes on this thread (the learner applies a job's
+        memories and marks it done atomically). Writes inside it (`insert_entry`,
+        `log_interactions`, ...) join it instead of opening their own; the write lock is held
+        throughout. `users`: whose cached vectors to drop once it ends."""
+        with self._write_lock:
+            cursor = self._writable_cursor()
+            if getattr(self._local, "in_transaction", False):
+                yield cursor
+                return
+            cursor.execute("BEGIN TRANSACTION")
+            self._local.in_transaction = True
+            try:
+                yield cursor
+                with self._index_lock:  # the commit merges new vectors into the HNSW index
+                    cursor.execute("COMMIT")
+            except BaseException:
+                with self._index_lock:
+                    cursor.execute("ROLLBACK")
+                raise
+            finally:
+                self._local.in_transaction = False
+                for user_id in users:
+                    self._user_changed(user_id)
+
+    @contextlib.contextmanager
+    def _joined_transaction(self, cursor: duckdb.DuckDBPyConnection) -> Iterator[None]:
+        """BEGIN/COMMIT around a write, unless it runs inside `transaction()`."""
+        if getattr(self._local, "in_transaction", False):
+            yield
+            return
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            yield
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+
     def check_writable(self) -> None:
         if self._read_only:
             raise ReadOnlyStoreError("memory store was opened read-only")
@@ -264,11 +312,10 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
         vector = vector_param(embedding)
         with self._write_lock, self._index_lock:
             cursor = self._writable_cursor()
-            cursor.execute("BEGIN TRANSACTION")
-            try:
+            with self._joined_transaction(cursor):
                 cursor.execute(
                     f"INSERT INTO memories ({ENTRY_COLUMNS}) VALUES "
-                    f"({', '.join('?' for _ in range(32))})",
+                    f"({', '.join('?' for _ in ENTRY_COLUMNS.split(','))})",
                     entry_params(entry, identity_since),
                 )
                 cursor.execute(
@@ -277,10 +324,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
                 )
                 self._insert_sources(cursor, entry.user_id, entry.id, sources)
                 self._insert_links(cursor, entry.user_id, links)
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
+                self.record_domains(entry.user_id, domains_of(entry.domains, entry.content), "memory")
             self._user_changed(entry.user_id)
             self._text_index_stale = True
 
@@ -398,6 +442,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
                         "WHERE user_id = ? AND list_contains(?, id)",
                         [now, user_id, list(memory_ids)],
                     )
+                    self.record_retrieved_domains(user_id, memory_ids)
             except Exception as exc:
                 log.warning("record_access_failed", error=repr(exc))
 
@@ -446,6 +491,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
             self._deletes_since_index_load += len(ids)
             self._rebuild_vector_index_if_due(cursor)
         self.refresh_text_index()
+        for hook in self.delete_hooks:
+            hook(user_id, ids)
         return ids
 
     @staticmethod
@@ -479,7 +526,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
             cursor.execute("BEGIN TRANSACTION")
             try:
                 for table in ("memories", "memory_vectors", "memory_sources", "memory_links",
-                              "interactions"):
+                              "interactions", "learner_jobs", "learner_users", "training_requests",
+                              "feedback", "domain_activations"):
                     (n,) = cursor.execute(
                         f"SELECT count(*) FROM {table} WHERE user_id = ?", [user_id]
                     ).fetchone()  # type: ignore[misc]
@@ -694,4 +742,51 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog):
         if self._text_index_stale:
             self.refresh_text_index()
         return report
+
+    def user_vectors(self, user_id: str) -> tuple[list[str], np.ndarray]:
+        """Every vector of the user's memories, history included: (ids, (n, 384) matrix)."""
+        table = self._cursor().execute(
+            "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
+        ).fetch_arrow_table()
+        ids = table.column("id").to_pylist()
+        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return ids, np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+
+    def user_signature(self, user_id: str) -> tuple[int, datetime | None]:
+        """(current memories, their latest update): changes whenever the user's memories do."""
+        row = self._cursor().execute(
+            "SELECT count(*), max(updated_at) FROM memories WHERE user_id = ? AND valid_to IS NULL",
+            [user_id],
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    def database_path(self) -> Path | None:
+        """The database file, None for an in-memory store."""
+        row = self._cursor().execute(
+            "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+        ).fetchone()
+        return Path(row[0]) if row and row[0] else None
+
+    def compact(self) -> int:
+        """Rebuild the HNSW index (dropping the tombstones deletes left in it) and the text
+        index, then write the WAL into the database file (CHECKPOINT). Returns the deletes the
+        old HNSW index had absorbed."""
+        with self._write_lock, self._index_lock:
+            cursor = self._writable_cursor()
+            tombstones = self._deletes_since_index_load
+            if self.has_vector_index:
+                cursor.execute("BEGIN TRANSACTION")
+                try:
+                    cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+                    cursor.execute(CREATE_HNSW)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                self._deletes_since_index_load = 0
+        self.refresh_text_index()
+        with self._write_lock:
+            self._writable_cursor().execute("CHECKPOINT")
+        return tombstones
 

@@ -123,20 +123,23 @@ def _from_events(raw: bytes) -> tuple[dict | None, dict | None]:
         kind = event.get("type")
         if kind == "error":
             return None, event.get("error")
+        index = event.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool):  # an upstream's garbage: skipped
+            continue
         if kind == "message_start":
-            message = dict(event.get("message") or {})
+            message = dict(_dict(event.get("message")))
         elif kind == "content_block_start":
-            blocks[event.get("index", 0)] = dict(event.get("content_block") or {})
+            blocks[index] = dict(_dict(event.get("content_block")))
         elif kind == "content_block_delta":
-            block = blocks.setdefault(event.get("index", 0), {"type": "text", "text": ""})
-            delta = event.get("delta") or {}
+            block = blocks.setdefault(index, {"type": "text", "text": ""})
+            delta = _dict(event.get("delta"))
             if delta.get("type") == "text_delta":
-                block["text"] = block.get("text", "") + delta.get("text", "")
+                block["text"] = _str(block.get("text")) + _str(delta.get("text"))
             elif delta.get("type") == "input_json_delta":
-                partial.setdefault(event.get("index", 0), []).append(delta.get("partial_json", ""))
+                partial.setdefault(index, []).append(_str(delta.get("partial_json")))
         elif kind == "message_delta" and message is not None:
-            message.update(event.get("delta") or {})
-            message["usage"] = {**(message.get("usage") or {}), **(event.get("usage") or {})}
+            message.update(_dict(event.get("delta")))
+            message["usage"] = {**_dict(message.get("usage")), **_dict(event.get("usage"))}
     if message is None:
         return None, None
     for index, parts in partial.items():
@@ -164,11 +167,12 @@ def _sse_data(raw: bytes) -> list[dict]:
 def _openai_answer(message: dict) -> tuple[dict, str | None, dict | None]:
     text: list[str] = []
     calls: list[dict] = []
-    for block in message.get("content") or []:
+    content = message.get("content")
+    for block in content if isinstance(content, list) else []:
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":
-            text.append(block.get("text") or "")
+            text.append(_str(block.get("text")))
         elif block.get("type") == "tool_use":
             arguments = block.get("input")
             calls.append({"id": block.get("id"), "type": "function", "function": {
@@ -177,10 +181,22 @@ def _openai_answer(message: dict) -> tuple[dict, str | None, dict | None]:
     answer: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if calls:
         answer["tool_calls"] = calls
-    stop = message.get("stop_reason")
-    usage = message.get("usage") or {}
-    prompt = sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens",
-                                             "cache_creation_input_tokens"))
-    completion = usage.get("output_tokens") or 0
+    stop = _str(message.get("stop_reason")) or None
+    usage = _dict(message.get("usage"))
+    prompt = sum(_count(usage.get(k)) for k in ("input_tokens", "cache_read_input_tokens",
+                                                "cache_creation_input_tokens"))
+    completion = _count(usage.get("output_tokens"))
     counted = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    return answer, _FINISH.get(stop, stop), counted if usage else None
+    return answer, _FINISH.get(stop, stop) if stop else None, counted if usage else None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

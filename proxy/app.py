@@ -11,6 +11,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +24,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from adapters import LocalModel
-from learner import LearnerWorker
+from learner import LearnerWorker, extract_facts, find_consolidator
+from learner.journal import InteractionJournal
 from memory import (
     BatchingEmbedder,
     Embedder,
@@ -35,8 +37,13 @@ from memory import (
 from proxy import routes
 from proxy.auth import KeyRing
 from proxy.chat import chat_completions
-from proxy.errors import NotFound, ProxyError, error_response
-from proxy.local import LocalUpstream
+from proxy.egress import EgressPolicy
+from proxy.errors import NotFound, ProxyError, anthropic_error_response, error_response
+from proxy.feedback_api import feedback_routes
+from proxy.interactions_api import list_interactions
+from proxy.learner_api import learner_routes
+from proxy.learner_setup import build_extractor, retry_policy, trigger_policy
+from proxy.local import LocalUpstream, PersonalUpstream
 from proxy.memories_api import (
     export_memories,
     import_memories,
@@ -47,12 +54,16 @@ from proxy.memories_api import (
 from proxy.messages import count_tokens, messages
 from proxy.metrics import Metrics
 from proxy.middleware import RequestContextMiddleware
+from proxy.openapi import openapi
 from proxy.passthrough import completions, embeddings
+from proxy.ratelimit import Limit, RateLimiter
 from proxy.recall import Recaller
 from proxy.settings import Settings
+from proxy.shutdown import Draining
 from proxy.state import AppState, DroppingSink
 from proxy.translate import LiteLLMUpstream
 from proxy.transport import ShardedTransport
+from proxy.ui import ui_routes
 from proxy.upstream import ChatUpstream, OpenAIUpstream
 
 log = structlog.get_logger("memlane.app")
@@ -66,6 +77,8 @@ def create_app(
     local_model: LocalModel | None = None,
     http_client: httpx.AsyncClient | None = None,
     upstreams: dict[str, ChatUpstream] | None = None,
+    personal_model: Any = None,
+    draining: Draining | None = None,
 ) -> Starlette:
     metrics = Metrics()
 
@@ -80,20 +93,24 @@ def create_app(
                 stack.callback(the_store.close)
             if local_model is None:
                 stack.callback(model.close)  # ends a running generation instead of waiting it out
-            learner = _start_learner(settings, the_store, emb, metrics, stack, nml_feed=_nml_feed(model))
+            learner = _start_learner(settings, the_store, emb, metrics, stack, nml_feed=_nml_feed(model),
+                                     local_model=model, journal=store is None)
             if the_store is not None and _nml_feed(model) is not None:
                 the_store.wipe_hooks.append(lambda user_id: model.store and model.store.forget(user_id))
             background = _warm_up(settings, emb, model, the_store)
+            personal = _personal_model(settings, the_store, personal_model, stack)
             app.state.memlane = AppState(
                 settings=settings,
-                keyring=KeyRing(settings.keys),
+                keyring=KeyRing(settings.keys, limiter=RateLimiter(
+                    Limit.of(settings.rate_limit_rpm, settings.rate_limit_burst))),
                 metrics=metrics,
-                upstreams=upstreams or _upstreams(settings, client, model),
+                upstreams=_with_personal(upstreams or _upstreams(settings, client, model), personal),
                 recaller=Recaller(
                     the_store, BatchingEmbedder(emb) if the_store is not None else None, metrics,
                     enabled=settings.memory, top_k=settings.memory_top_k,
                     min_score=settings.memory_min_score, token_cap=settings.memory_token_cap,
-                    budget_s=settings.memory_budget_ms / 1000,
+                    budget_s=settings.memory_budget_ms / 1000, plm=_plm_context(settings, personal or model),
+                    egress=EgressPolicy.parse(settings.egress_policy),
                 ),
                 learner=learner,
                 store=the_store,
@@ -101,6 +118,7 @@ def create_app(
                 local_model=model,
                 http_client=client,
                 background=background,
+                draining=draining or Draining(settings.shutdown_grace_s),
             )
             log.info("memlane_started", memory=settings.memory, open_mode=settings.open_mode,
                      routes=[f"{r.match}->{r.provider}" for r in settings.routes])
@@ -127,6 +145,11 @@ def create_app(
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            *learner_routes(),
+            *feedback_routes(),
+            Route("/v1/interactions", list_interactions, methods=["GET"]),
+            *ui_routes(),
         ],
         middleware=[
             Middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes)
@@ -182,16 +205,62 @@ def _local_model(settings: Settings) -> Any:
                       name=settings.local_model_name)
 
 
+def _plm_context(settings: Settings, model: Any) -> Any:
+    """The personal model's context step of chat requests (`plm_context`): the personal model
+    (each user's live adapter) when `plm` is on, else the plain local model."""
+    if settings.plm_context != "on" or not isinstance(model, LocalModel):
+        return None
+    from adapters.plm.context import LocalContextGenerator, PLMContext
+
+    generator = LocalContextGenerator(model, adapter_for=getattr(model, "adapter_for", None))  # personal adapters
+    return PLMContext(generator, budget_s=settings.plm_context_budget_ms / 1000)
+
+
+def _personal_model(settings: Settings, the_store: MemoryStore | None, given: Any, stack: Any) -> Any:
+    """The personal model (`plm`, docs/plm.md) when enabled or passed in. The store's delete and
+    wipe hooks keep its adapters in step: a deleted memory makes them stale, a wipe deletes them."""
+    if given is None and not settings.plm:
+        return None
+    from adapters.plm import AdapterRegistry, PersonalModel, follow_store
+
+    personal = given
+    if personal is None:
+        key = settings.adapter_master_key.get_secret_value() if settings.adapter_master_key else None
+        personal = PersonalModel(
+            registry=AdapterRegistry(settings.plm_dir, master_key=key), cache_dir=settings.model_cache,
+            model_dir=settings.local_model_dir, name=settings.local_model_name, device=settings.plm_device,
+        )
+        stack.callback(personal.close)
+    if the_store is not None:
+        follow_store(the_store, personal.registry, on_wipe=personal.unload_user)
+    return personal
+
+
+def _with_personal(upstreams: dict[str, ChatUpstream], personal: Any) -> dict[str, ChatUpstream]:
+    if personal is not None and "plm" not in upstreams:
+        upstreams = {**upstreams, "plm": PersonalUpstream(personal)}
+    return upstreams
+
+
 def _nml_feed(model: Any) -> Any:
     """The NML model's per-user `feed`, when the local model is one."""
     return getattr(model, "feed", None) if type(model).__name__ == "NMLChatModel" else None
 
 
-def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None):  # type: ignore[no-untyped-def]
+def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None, local_model=None, journal=False):  # type: ignore[no-untyped-def]
     if the_store is None:
         return DroppingSink(metrics)
+    # Beside the database this app opened: acknowledged interactions survive a killed process.
+    # Not beside an encrypted database: the journal is plain text.
+    journal = journal and str(settings.database) != ":memory:" and settings.database_key is None
+    journal_dir = Path(f"{settings.database}.journal") if journal else None
+    inprocess = settings.learner == "inprocess"
     learner = LearnerWorker(the_store, emb, maxsize=settings.log_queue_size, observer=_Observer(metrics),
-                            maintenance_interval_s=settings.maintenance_interval_s, nml_feed=nml_feed)
+                            maintenance_interval_s=settings.maintenance_interval_s, nml_feed=nml_feed,
+                            extractor=build_extractor(settings, local_model) if inprocess else extract_facts,
+                            run_jobs=inprocess, retry=retry_policy(settings), triggers=trigger_policy(settings),
+                            consolidate=find_consolidator(), lease_for=timedelta(seconds=settings.learner_lease_s),
+                            journal=InteractionJournal(journal_dir) if journal_dir else None)
     learner.start()
     stack.callback(learner.stop)
     return learner
@@ -228,7 +297,7 @@ def _upstreams(settings: Settings, client: httpx.AsyncClient, model: LocalModel)
     if "local" in providers:
         out["local"] = LocalUpstream(model)
     if "openai" in providers:
-        out["openai"] = OpenAIUpstream(client)
+        out["openai"] = OpenAIUpstream(client, retries=settings.upstream_retries)
     for provider in ("anthropic", "ollama"):
         if provider in providers:
             out[provider] = LiteLLMUpstream(provider, timeout_s=settings.upstream_timeout_s)
@@ -251,6 +320,9 @@ class _Observer:
     def extracted(self, memories: int) -> None:
         self.m.memories_extracted.inc(memories)
 
+    def job_finished(self, outcome: str) -> None:
+        self.m.learner_jobs.labels(outcome=outcome).inc()
+
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
@@ -262,6 +334,8 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         err.type = "invalid_request_error"
     else:
         err = ProxyError(str(exc.detail), status=exc.status_code)
+    if request.url.path.startswith("/v1/messages"):  # Anthropic clients read Anthropic's error shape
+        return anthropic_error_response(err)
     return error_response(err)
 
 

@@ -22,7 +22,8 @@ from starlette.responses import Response, StreamingResponse
 from learner import Exchange
 from proxy.auth import USER_HEADER, resolve_user
 from proxy.enrich import latest_user_text
-from proxy.errors import ModelNotFound, ProxyError, UpstreamError, sse_error_event
+from proxy.errors import ModelNotFound, ProxyError, ServiceUnavailable, UpstreamError, sse_error_event
+from proxy.local import request_user
 from proxy.schema import read_json, validate_chat
 from proxy.state import AppState
 from proxy.upstream import UpstreamReply
@@ -45,6 +46,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request)
     chat = validate_chat(body)
     user_id = resolve_user(principal, body_user=body.get("user"), header_user=request.headers.get(USER_HEADER))
+    request_user.set(user_id)  # whose personal adapter answers, on the plm route
     route = state.settings.route_for(chat.model)
     upstream = state.upstreams.get(route.provider) if route else None
     if route is None or upstream is None:
@@ -55,7 +57,7 @@ async def chat_completions(request: Request) -> Response:
         )
 
     recall = await state.recaller.enrich(user_id, body, route.provider)
-    headers = {"x-memlane-memory": recall.state, "x-memlane-memories": str(recall.used)}
+    headers = {"x-memlane-memory": recall.state, "x-memlane-memories": str(recall.used), "x-memlane-plm": recall.plm}
     exchange = _ExchangeDraft(state, request_id, user_id, chat.model, route.provider, bool(chat.stream),
                               body, recall.body, started, memory=recall.state)
     try:
@@ -94,22 +96,37 @@ async def _collect(reply: UpstreamReply) -> bytes:
 async def _relay(reply: UpstreamReply, exchange: _ExchangeDraft) -> AsyncIterator[bytes]:
     kept = bytearray()
     status, error = 200, None
+    tail = b"\n"  # the last byte relayed: a whole stream never ends in the middle of a line
+    draining = exchange.state.draining
+    task = draining.register()
     try:
         async for chunk in reply.body:
             exchange.first_byte()
             if len(kept) < MAX_LOGGED_RESPONSE_BYTES:
                 kept += chunk
+            if chunk:
+                tail = chunk[-1:]
             yield chunk
+        if tail != b"\n":  # cut mid-event: end that event, then say what happened
+            raise UpstreamError("upstream stream ended in the middle of an event", code="upstream_truncated")
     except ProxyError as err:
         status, error = err.status, err.message
         exchange.state.metrics.upstream_errors.labels(provider=reply.provider, code=err.code or "").inc()
-        event = sse_error_event(err)
+        event = (b"\n\n" if tail != b"\n" else b"") + sse_error_event(err)
         kept += event
         yield event
     except asyncio.CancelledError:
-        status, error = 499, "client_disconnected"
-        raise
+        if not draining.interrupted(task):
+            status, error = 499, "client_disconnected"
+            raise
+        task.uncancel()  # type: ignore[union-attr]  # the server is stopping: say so, then end
+        err = ServiceUnavailable("memlane is shutting down; this answer was cut short.", code="server_shutting_down")
+        status, error = err.status, err.message
+        event = (b"\n\n" if tail != b"\n" else b"") + sse_error_event(err)
+        kept += event
+        yield event
     finally:
+        draining.unregister(task)
         await reply.aclose()
         exchange.finish(status, error, bytes(kept), upstream_s=reply.upstream_s)
 

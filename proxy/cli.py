@@ -10,13 +10,41 @@ from typing import Annotated
 import typer
 
 from adapters.nml.cli import app as nml_app
+from proxy.cli_adapters import adapters
+from proxy.cli_learner import learn_command, learner
+from proxy.cli_learning import register as register_learning
 from proxy.cli_memories import ConfigOpt, DbOpt, load_settings, memories
 from proxy.doctor import doctor
 
 app = typer.Typer(help="memlane: a memory layer for any OpenAI-compatible client.", no_args_is_help=True)
 app.add_typer(memories, name="memories")
+app.add_typer(learner, name="learner")
+app.command("learn")(learn_command)
 app.add_typer(nml_app, name="nml")
+app.add_typer(adapters, name="adapters")
 app.command("doctor")(doctor)
+register_learning(app)  # feedback, domains, datasets, dream
+keys = typer.Typer(help="Proxy API keys.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+
+@keys.command("hash")
+def hash_key_command(
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="scrypt (default) or sha256.")] = "scrypt",
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read the key from standard input.")] = False,
+) -> None:
+    """Print the key_hash to configure for a key (the key is asked for, never taken as an argument)."""
+    import sys
+
+    from proxy.auth import hash_key
+
+    key = sys.stdin.readline().strip() if stdin else typer.prompt("Key", hide_input=True, confirmation_prompt=True)
+    if not key:
+        raise typer.BadParameter("the key is empty")
+    try:
+        typer.echo(hash_key(key, algorithm=algorithm))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--algorithm") from exc
 
 
 @app.command()
@@ -32,21 +60,38 @@ def serve(
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
+    from proxy.shutdown import Draining
 
     settings = load_settings(config, host=host, port=port, database=db, log_format=log_format)
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    uvicorn.run(
-        create_app(settings),
+    draining = Draining(settings.shutdown_grace_s)
+    server_config = uvicorn.Config(
+        create_app(settings, draining=draining),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        # memlane ends streams still open after shutdown_grace_s itself, with an error event;
+        # uvicorn's own cut-off is only the backstop.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
         lifespan="on",
     )
+    _server(server_config, on_exit=draining.begin).run()
+
+
+def _server(config, *, on_exit):  # type: ignore[no-untyped-def]
+    """uvicorn's server, telling memlane (`on_exit`) when a stop signal arrives."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # type: ignore[no-untyped-def]
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ from memory import (
     DuplicateContentError,
     ImportFormatError,
     MemoryType,
+    Sensitivity,
     Tier,
     TruthCategory,
     edit_memory,
@@ -42,7 +43,7 @@ from memory import (
 )
 from proxy.auth import OPEN_MODE_USER
 from proxy.errors import ProxyError
-from proxy.memories_api import action_of, parse_changes, parse_new
+from proxy.memories_api import action_of, label_memory, parse_changes, parse_new
 from proxy.settings import Settings, SettingsError
 
 memories = typer.Typer(help="Inspect and edit one user's memories.", no_args_is_help=True)
@@ -60,6 +61,8 @@ TagsOpt = Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeat 
 DomainsOpt = Annotated[list[str] | None, typer.Option("--domain", help="A domain, e.g. 'health' (repeat for several).")]
 TypeOpt = Annotated[MemoryType | None, typer.Option("--type", case_sensitive=False, help="Memory type.")]
 TruthOpt = Annotated[TruthCategory | None, typer.Option("--truth", case_sensitive=False, help="Truth category.")]
+SensitivityOpt = Annotated[Sensitivity | None, typer.Option(
+    "--sensitivity", case_sensitive=False, help="Egress label: none, personal, health, finance or credentials.")]
 FormatOpt = Annotated[str | None, typer.Option("--format", help="jsonl or parquet (default: from the file's suffix).")]
 SCORE_PARTS = ("vector", "text", "recency", "importance", "confidence", "frequency", "tier", "link")
 
@@ -234,15 +237,18 @@ def add_memory(
     content: str, user: UserOpt = None, tag: TagsOpt = None, domain: DomainsOpt = None,
     memory_type: TypeOpt = None, truth: TruthOpt = None,
     importance: Annotated[float | None, typer.Option(help="0 to 1 (default 0.5).")] = None,
+    sensitivity: SensitivityOpt = None,
     db: DbOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
 ) -> None:
     """Add a memory for a user (e.g. 'The user is allergic to peanuts.')."""
     body = _present(content=content, tags=tag, domains=domain, memory_type=memory_type,
-                    truth_category=truth, importance=importance)
+                    truth_category=truth, importance=importance, sensitivity=sensitivity)
     with _Memories(db, config, url, user, create=True) as m:
         if m.store is not None:
             fields = _checked(parse_new, body)
+            label = fields.pop("sensitivity", None)
             memory, created = m.store.add(m.user_id, fields.pop("content"), source="cli", **fields)
+            memory = label_memory(m.store, m.user_id, memory, label) or memory
             memory_id, action, supersedes = memory.id, action_of(memory, created), memory.supersedes
         else:
             row = m.call("POST", "/v1/memories", json=body).json()
@@ -262,18 +268,21 @@ def patch_memory(
     importance: Annotated[float | None, typer.Option(help="0 to 1.")] = None,
     validated: Annotated[bool | None, typer.Option("--validated/--not-validated")] = None,
     tier: Annotated[Tier | None, typer.Option(case_sensitive=False)] = None,
-    memory_type: TypeOpt = None, truth: TruthOpt = None,
+    memory_type: TypeOpt = None, truth: TruthOpt = None, sensitivity: SensitivityOpt = None,
     db: DbOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
 ) -> None:
     """Change fields of one memory."""
     body = _present(content=content, tags=tag, domains=domain, importance=importance, validated=validated,
-                    tier=tier, memory_type=memory_type, truth_category=truth)
+                    tier=tier, memory_type=memory_type, truth_category=truth, sensitivity=sensitivity)
     with _Memories(db, config, url, user) as m:
         if m.store is not None:
+            changes = _checked(parse_changes, body)
+            label = changes.pop("sensitivity", None)
             try:
-                found = edit_memory(m.store, m.user_id, memory_id, **_checked(parse_changes, body))
+                found = edit_memory(m.store, m.user_id, memory_id, **changes)
             except DuplicateContentError as exc:
                 raise fail(f"memory {exc.existing_id} already holds this content") from exc
+            found = label_memory(m.store, m.user_id, found, label)
             if found is None:
                 raise fail(f"no memory {memory_id} for user {m.user_id}")
         else:

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from adapters import ContextLengthError, GenerationParams, LocalModel, LocalModelError
@@ -25,6 +26,10 @@ from proxy.settings import RouteConfig
 from proxy.upstream import UpstreamReply, one_chunk, timed, upstream_model
 
 MAX_NEW_TOKENS = 2048
+
+# The memory owner of the request being served: the chat handlers set it once the user is
+# resolved, so that the personal model (`PersonalUpstream`) answers with that user's adapter.
+request_user: ContextVar[str | None] = ContextVar("memlane_request_user", default=None)
 
 
 class LocalUpstream:
@@ -52,7 +57,7 @@ class LocalUpstream:
                 raise ServiceUnavailable(f"the local model could not be loaded: {exc}") from exc
         started = time.perf_counter()
         try:
-            generation = self.model.generate(body["messages"], params)
+            generation = self._generate(body["messages"], params)
         except ContextLengthError as exc:
             raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from exc
         except LocalModelError as exc:
@@ -75,6 +80,22 @@ class LocalUpstream:
         )
         reply.body = _sse(completion_id, model_name, generation, include_usage, reply)
         return reply
+
+    def _generate(self, messages: list[dict], params: GenerationParams) -> Any:
+        return self.model.generate(messages, params)
+
+
+class PersonalUpstream(LocalUpstream):
+    """The personal language model: the local base model with the requesting user's LoRA
+    adapter (`adapters.plm.PersonalModel`), served under its own route (``plm/<base>``)."""
+
+    provider = "plm"
+
+    def _generate(self, messages: list[dict], params: GenerationParams) -> Any:
+        user_id = request_user.get()
+        if user_id is None:  # never guess whose adapter to use
+            raise ServiceUnavailable("the personal model needs the request's user; none was resolved")
+        return self.model.generate(messages, params, user_id=user_id)
 
 
 def generation_params(body: dict[str, Any]) -> GenerationParams:

@@ -25,6 +25,7 @@ from memory import (
     MemoryEntry,
     MemoryStore,
     MemoryType,
+    Sensitivity,
     Tier,
     TruthCategory,
     edit_memory,
@@ -42,8 +43,9 @@ from proxy.state import AppState
 MAX_CONTENT = 2000
 MAX_LABELS = 64  # tags or domains on one memory
 FORMATS = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
-_EDITABLE = ("content", "tags", "domains", "importance", "validated", "tier", "memory_type", "truth_category")
-_NEW = ("content", "tags", "domains", "importance", "memory_type", "truth_category")
+_EDITABLE = ("content", "tags", "domains", "importance", "validated", "tier", "memory_type", "truth_category",
+             "sensitivity")
+_NEW = ("content", "tags", "domains", "importance", "memory_type", "truth_category", "sensitivity")
 
 
 # -- validation, shared with the CLI ---------------------------------------------------
@@ -88,8 +90,17 @@ def _parse(body: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
             out[name] = value
         else:
             out[name] = _enum(name, value, {"tier": Tier, "memory_type": MemoryType,
-                                            "truth_category": TruthCategory}[name])
+                                            "truth_category": TruthCategory, "sensitivity": Sensitivity}[name])
     return out
+
+
+def label_memory(store: MemoryStore, user_id: str, memory: MemoryEntry | None,
+                 sensitivity: Sensitivity | None) -> MemoryEntry | None:
+    """``memory`` with its sensitivity label set (the egress policy reads it); None stays None."""
+    if memory is None or sensitivity is None or memory.sensitivity == sensitivity:
+        return memory
+    store.update_entry(user_id, memory.id, sensitivity=sensitivity.value)
+    return store.get(user_id, memory.id)
 
 
 def _enum(name: str, value: object, kind: type[StrEnum]) -> Any:
@@ -167,8 +178,9 @@ async def memories_collection(request: Request) -> Response:
     user_id, store = _caller(request)
     if request.method == "POST":
         fields = parse_new(await read_json(request))
-        content = fields.pop("content")
+        content, sensitivity = fields.pop("content"), fields.pop("sensitivity", None)
         memory, created = await asyncio.to_thread(store.add, user_id, content, source="api", **fields)
+        memory = await asyncio.to_thread(label_memory, store, user_id, memory, sensitivity)
         return JSONResponse(as_json(memory, action=action_of(memory, created)), status_code=201 if created else 200)
     query = request.query_params.get("q")
     if query is not None:
@@ -212,11 +224,13 @@ async def memory_item(request: Request) -> Response:
         memory = await asyncio.to_thread(store.get, user_id, memory_id)
     elif request.method == "PATCH":
         changes = parse_changes(await read_json(request))
+        sensitivity = changes.pop("sensitivity", None)
         try:
             memory = await asyncio.to_thread(edit_memory, store, user_id, memory_id, **changes)
         except DuplicateContentError as exc:
             raise ProxyError(f"Memory '{exc.existing_id}' already holds this content.", status=409,
                              param="content", code="memory_exists") from exc
+        memory = await asyncio.to_thread(label_memory, store, user_id, memory, sensitivity)
     else:
         deleted = await asyncio.to_thread(store.delete_entries, user_id, [memory_id])
         if not deleted:

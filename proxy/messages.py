@@ -37,10 +37,12 @@ from proxy.errors import (
     InvalidRequest,
     ModelNotFound,
     ProxyError,
+    ServiceUnavailable,
     UpstreamError,
     anthropic_error_response,
     anthropic_sse_error_event,
 )
+from proxy.local import request_user
 from proxy.passthrough import forward, http_client
 from proxy.schema import read_json
 from proxy.settings import RouteConfig
@@ -74,6 +76,7 @@ async def messages(request: Request) -> Response:
     stream = bool(parsed.stream)
     # metadata.user_id is not a memory owner: Claude Code puts a per-session id there.
     user_id = resolve_user(principal, body_user=None, header_user=request.headers.get(USER_HEADER))
+    request_user.set(user_id)  # whose personal adapter answers, on the plm route
     route = _anthropic_route(state, parsed.model)
 
     sent, memory, used = await _recall(state, user_id, body)
@@ -179,6 +182,8 @@ async def _relay(reply: UpstreamReply, exchange: _ExchangeDraft) -> AsyncIterato
     kept = bytearray()
     pending = b""
     status, error = 200, None
+    draining = exchange.state.draining
+    task = draining.register()
     try:
         async for chunk in reply.body:
             exchange.first_byte()
@@ -198,9 +203,17 @@ async def _relay(reply: UpstreamReply, exchange: _ExchangeDraft) -> AsyncIterato
         kept += event
         yield event
     except asyncio.CancelledError:
-        status, error = 499, "client_disconnected"
-        raise
+        if not draining.interrupted(task):
+            status, error = 499, "client_disconnected"
+            raise
+        task.uncancel()  # type: ignore[union-attr]  # the server is stopping (proxy/shutdown.py): say so
+        err = ServiceUnavailable("memlane is shutting down; this answer was cut short.", code="server_shutting_down")
+        status, error = err.status, err.message
+        event = anthropic_sse_error_event(err)
+        kept += event
+        yield event
     finally:
+        draining.unregister(task)
         await reply.aclose()
         exchange.finish(status, error, teacher_view(bytes(kept), stream=True), upstream_s=reply.upstream_s)
 

@@ -55,3 +55,7 @@ class Metrics:
         self.memories_extracted = Counter(
             "memlane_memories_extracted", "Memories created by the extractor", registry=r
         )
+        self.learner_jobs = Counter(
+            "memlane_learner_jobs", "Learner job attempts by outcome: done, pending (to retry), dead, lost",
+            ["outcome"], registry=r,
+        )

@@ -46,6 +46,7 @@ from proxy.upstream import (
     timed_raw,
     upstream_model,
     upstream_status_error,
+    without_credentials,
 )
 
 ErrorMapper = Callable[[str, int, bytes, httpx.Headers], ProxyError]
@@ -74,7 +75,7 @@ async def forward(
     except httpx.HTTPError as exc:
         raise UpstreamError(f"{provider} upstream unreachable: {type(exc).__name__}") from exc
     if response.status_code >= 400:
-        body = await response.aread()
+        body = without_credentials(await response.aread(), headers)
         await response.aclose()
         raise on_status(provider, response.status_code, body, response.headers)
     relayed = forwarded_headers(response.headers)

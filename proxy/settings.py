@@ -8,6 +8,7 @@ the config file: a route names the environment variable that holds its key (``ap
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,32 +22,55 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-Provider = Literal["openai", "anthropic", "ollama", "local"]
+Provider = Literal["openai", "anthropic", "ollama", "local", "plm"]
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 
 
+# "sha256:<64 hex>" or "scrypt:<n>:<r>:<p>:<salt hex>:<derived key hex>" (`memlane keys hash`).
+KEY_HASH_PATTERN = r"^(sha256:[0-9a-f]{64}|scrypt:[0-9]{1,8}:[0-9]{1,3}:[0-9]{1,3}:[0-9a-f]{16,128}:[0-9a-f]{32,128})$"
+
+
 class KeyConfig(BaseModel):
-    """A proxy API key and the user it stands for."""
+    """A proxy API key and the user it stands for.
+
+    Only a hash of the key is kept: a plain ``key`` is hashed (SHA-256) while the settings load
+    and is not stored; ``key_sha256`` is the same hash given directly; ``key_hash`` takes either
+    form with its algorithm named (``sha256:...`` or ``scrypt:...``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     user: str = Field(min_length=1, max_length=128, pattern=r"^[^\s/]+$")  # "/" is reserved for sub-users
-    key: SecretStr | None = None
-    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    key_hash: str = Field(pattern=KEY_HASH_PATTERN)
     sub_users: bool = False  # may pick a sub-user with `user` or X-Memlane-User
+    rate_limit_rpm: int | None = Field(default=None, ge=0)  # this key's own limit; 0 = unlimited
+    rate_limit_burst: int | None = Field(default=None, ge=1)
 
-    @field_validator("key_sha256", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _lower(cls, v: str | None) -> str | None:
-        return v.lower() if v else v
-
-    def model_post_init(self, _: Any) -> None:
-        if (self.key is None) == (self.key_sha256 is None):
-            raise ValueError(f"key for user {self.user!r}: set exactly one of key or key_sha256")
+    def _hash_plain_key(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = [name for name in ("key", "key_sha256", "key_hash") if data.get(name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"key for user {data.get('user')!r}: set exactly one of key, key_sha256 or key_hash")
+        plain, digest = data.pop("key", None), data.pop("key_sha256", None)
+        if plain is not None:
+            plain = plain.get_secret_value() if isinstance(plain, SecretStr) else plain
+            if not isinstance(plain, str) or not plain.strip():
+                raise ValueError(f"key for user {data.get('user')!r}: a key is a non-empty string")
+            data["key_hash"] = "sha256:" + hashlib.sha256(plain.encode()).hexdigest()
+        elif digest is not None:
+            data["key_hash"] = f"sha256:{str(digest).lower()}"
+        elif isinstance(data["key_hash"], str) and data["key_hash"].startswith("sha256:"):
+            data["key_hash"] = data["key_hash"].lower()
+        return data
 
 
 class RouteConfig(BaseModel):
@@ -88,6 +112,12 @@ class Settings(BaseSettings):
     nml_state_dir: Path = Path("nml-state")
 
     keys: tuple[KeyConfig, ...] = ()  # empty: open mode, single local user "default"
+    # Per-key token bucket: sustained requests a minute (0: no limit) and burst (default: rpm).
+    rate_limit_rpm: int = Field(default=0, ge=0)
+    rate_limit_burst: int | None = Field(default=None, ge=1)
+    # Which sensitivity labels may reach which providers, e.g. "health,finance:local" (see proxy/egress.py);
+    # credentials reach none unless a rule names them.
+    egress_policy: str = ""
     routes: tuple[RouteConfig, ...] = ()  # empty: built from OPENAI_API_KEY etc.
 
     memory: bool = True
@@ -95,6 +125,17 @@ class Settings(BaseSettings):
     memory_min_score: float = Field(default=0.2, ge=-1.0, le=1.0)
     memory_token_cap: int = Field(default=400, ge=0)
     memory_budget_ms: int = Field(default=2000, ge=1)  # retrieval slower than this: answer without memory
+    # The personal model (PLM) writes a short context for the target model from the retrieved
+    # memories; slower than the budget, the request goes on with plain retrieval (x-memlane-plm).
+    plm_context: Literal["off", "on"] = "off"
+    plm_context_budget_ms: int = Field(default=150, ge=1, le=60_000)
+    # Wraps every user's adapter key (adapters/plm/crypto.py); at least 16 characters.
+    adapter_master_key: SecretStr | None = Field(default=None, min_length=16)
+    # The personal language model (docs/plm.md): the local model with each user's LoRA adapter,
+    # served as `plm/<local_model_name>`; adapters, their registry and keys live under plm_dir.
+    plm: bool = False
+    plm_dir: Path = Path("plm-adapters")
+    plm_device: str = "cpu"  # "cuda": bf16 on the GPU
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
     # MiniLM's runtime: ONNX Runtime (exported once into model_cache; same vectors, ~2.5x less CPU
     # per query) or sentence-transformers on torch. "auto" falls back to torch if ONNX fails.
@@ -104,13 +145,37 @@ class Settings(BaseSettings):
     database_key: SecretStr | None = None
     short_term_ttl_hours: float = Field(default=72.0, ge=24.0, le=72.0)
     maintenance_interval_s: float = Field(default=600.0, gt=0)  # promotion, expiry, decay
+    # The background learner (docs/learner.md): "inprocess" runs the jobs in the server;
+    # "external": a `memlane learner --url` process leases them over HTTP, the server still writes.
+    learner: Literal["inprocess", "external"] = "inprocess"
+    learner_extractor: Literal["rules", "llm"] = "rules"
+    learner_llm_model: str = f"local/{LOCAL_MODEL_NAME}"  # routed like a chat model
+    learner_max_attempts: int = Field(default=5, ge=1, le=100)  # then the job is dead-lettered
+    learner_backoff_s: float = Field(default=5.0, gt=0)  # before the 2nd attempt, doubling after
+    learner_lease_s: float = Field(default=120.0, gt=0)  # a job held longer is leased again
+    learner_token: SecretStr | None = None  # required to lease jobs over HTTP when keys are set
+    learn_every: int = Field(default=10, ge=1)  # interactions learned per user between runs
+    learn_period_hours: float = Field(default=24.0, gt=0)  # or this long, with any learned
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     log_queue_size: int = Field(default=10_000, gt=0)
     upstream_timeout_s: float = Field(default=600.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Extra attempts when an upstream connection fails before any response (never once bytes flowed).
+    upstream_retries: int = Field(default=1, ge=0, le=5)
+    # On SIGTERM, open streams get this long to finish; then they end with an error event.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("egress_policy")
+    @classmethod
+    def _egress_policy(cls, value: str) -> str:
+        # Imported here: proxy.egress imports memory, and the settings module stays light.
+        from proxy.egress import EgressPolicy
+
+        EgressPolicy.parse(value)
+        return value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[override]
@@ -139,6 +204,10 @@ class Settings(BaseSettings):
         data.update({k: v for k, v in overrides.items() if v is not None})
         routes = data.get("routes") or default_routes(env)
         data["routes"] = [_resolve_key(r, env) for r in routes]
+        if str(data.get("plm", "")).lower() in ("true", "1", "yes", "on") and not any(
+            (r.provider if isinstance(r, RouteConfig) else r.get("provider")) == "plm" for r in data["routes"]
+        ):
+            data["routes"].append({"match": "plm/*", "provider": "plm", "strip_prefix": "plm/"})
         try:
             return cls(**data)
         except ValidationError as exc:

@@ -11,6 +11,7 @@ from proxy.auth import KeyRing
 from proxy.metrics import Metrics
 from proxy.recall import Recaller
 from proxy.settings import Settings
+from proxy.shutdown import Draining
 from proxy.upstream import ChatUpstream
 
 
@@ -42,3 +43,4 @@ class AppState:
     local_model: LocalModel | None
     http_client: Any = None  # the pooled httpx.AsyncClient of the byte-passthrough endpoints
     background: list[Any] = field(default_factory=list)
+    draining: Draining = field(default_factory=lambda: Draining(30.0))  # ends open streams on SIGTERM

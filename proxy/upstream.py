@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from proxy.errors import ProxyError, RateLimited, UpstreamError, UpstreamTimeout
 from proxy.settings import RouteConfig
 
 T = TypeVar("T")
+log = structlog.get_logger("memlane.upstream")
 
 # Upstream response headers worth passing on to the client.
 _FORWARDED_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-")
@@ -62,8 +70,9 @@ class OpenAIUpstream:
 
     provider = "openai"
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, retries: int = 1) -> None:
         self._client = client
+        self.retries = retries  # extra attempts after a connection failed before any response
         self._urls: dict[str, httpx.URL] = {}  # per api_base: parsing a URL per request shows in profiles
 
     def _url(self, api_base: str) -> httpx.URL:
@@ -83,13 +92,13 @@ class OpenAIUpstream:
                                              content=json.dumps(payload))
         started = time.perf_counter()
         try:
-            response = await self._client.send(request, stream=True)
+            response = await send_retrying(self._client, request, self.retries)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"{self.provider} upstream timed out") from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{self.provider} upstream unreachable: {type(exc).__name__}") from exc
         if response.status_code >= 400:
-            content = await response.aread()
+            content = without_credentials(await response.aread(), headers)
             await response.aclose()
             raise upstream_status_error(self.provider, response.status_code, content, response.headers)
 
@@ -102,10 +111,13 @@ class OpenAIUpstream:
                 raise UpstreamError(f"{self.provider} upstream broke: {type(exc).__name__}") from exc
             finally:
                 await response.aclose()
+            media_type = response.headers.get("content-type", "application/json").split(";")[0]
+            if media_type == "application/json" and not _is_json(content):
+                raise UpstreamError(f"{self.provider} upstream returned malformed JSON",
+                                    code="upstream_malformed_response")
             return UpstreamReply(
                 body=one_chunk(content), provider=self.provider, headers=forwarded_headers(response.headers),
-                media_type=response.headers.get("content-type", "application/json").split(";")[0],
-                upstream_s=time.perf_counter() - started,
+                media_type=media_type, upstream_s=time.perf_counter() - started,
             )
         reply = UpstreamReply(
             body=_empty(),
@@ -117,6 +129,24 @@ class OpenAIUpstream:
         )
         reply.body = timed_raw(response, reply)
         return reply
+
+
+# Failures where the upstream sent no response at all: a refused connection, or a pooled
+# keep-alive connection the upstream had just closed. Timeouts are not retried (the wait would
+# multiply), nor is anything once a status arrived: by then bytes may be on their way to the client.
+_RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+async def send_retrying(client: httpx.AsyncClient, request: httpx.Request, retries: int) -> httpx.Response:
+    """``client.send(request, stream=True)``, again up to `retries` times if no response came."""
+    async for attempt in AsyncRetrying(stop=stop_after_attempt(1 + retries), reraise=True,
+                                       wait=wait_exponential(multiplier=0.05, max=1.0),
+                                       retry=retry_if_exception_type(_RETRYABLE)):
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                log.info("upstream_retry", attempt=attempt.retry_state.attempt_number)
+            response = await client.send(request, stream=True)
+    return response
 
 
 async def one_chunk(payload: bytes) -> AsyncIterator[bytes]:
@@ -154,11 +184,29 @@ async def timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIter
         await response.aclose()
 
 
+def _is_json(content: bytes) -> bool:
+    try:
+        json.loads(content)
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True
+
+
 def forwarded_headers(headers: httpx.Headers) -> dict[str, str]:
     out = {k: v for k, v in headers.items() if k.lower().startswith(_FORWARDED_PREFIXES)}
     if "x-request-id" in headers:
         out["x-upstream-request-id"] = headers["x-request-id"]
     return out
+
+
+def without_credentials(content: bytes, sent: Mapping[str, str]) -> bytes:
+    """An upstream's error body with the credentials memlane sent it blanked out: some
+    upstreams quote the request (headers included) in their errors, and errors reach clients."""
+    for name in ("authorization", "x-api-key", "api-key"):
+        key = sent.get(name, "").split(" ", 1)[-1].strip()  # "Bearer <key>" -> "<key>"
+        if len(key) >= 8:
+            content = content.replace(key.encode(), b"[redacted]")
+    return content
 
 
 def upstream_status_error(provider: str, status: int, content: bytes, headers: httpx.Headers) -> ProxyError:

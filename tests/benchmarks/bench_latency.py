@@ -43,6 +43,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.benchmarks import plots
+from tests.benchmarks.progress import counting, track
 from tests.e2e.fake_upstream import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +155,8 @@ def build_memory_db(path: str, n: int, seed: int, batch: int = 512) -> None:
     contents = make_memories(n, seed)
     emb = MiniLMEmbedder()
     started = time.perf_counter()
-    vectors = np.concatenate([emb.embed(contents[i:i + batch]) for i in range(0, n, batch)])  # (n, 384)
+    starts = track(range(0, n, batch), f"  embedding {n} memories", total=-(-n // batch))
+    vectors = np.concatenate([emb.embed(contents[i:i + batch]) for i in starts])  # (n, 384)
     embedded = time.perf_counter()
     store = MemoryStore.open(path, embedder=emb)
     try:
@@ -426,17 +429,20 @@ async def measure_setting(plan: Plan, upstream: str, memlane: Memlane) -> dict:
             n = plan.round_size[c]
             started, load_before = time.perf_counter(), os.getloadavg()[0]
             try:
-                for _ in range(plan.warmup_rounds):
-                    for name in targets:
-                        await one(name, n, c)
-                before = await overhead_histogram(client, memlane.url)
-                cpu_before = cpu_seconds(memlane.process.pid)
-                rounds: dict[str, list[Round]] = {"direct": [], "proxied": []}
-                for i in range(plan.rounds):
-                    if i >= plan.min_rounds and time.perf_counter() - started > plan.budget_s:
-                        break
-                    for name in targets:
-                        rounds[name].append(await one(name, n, c))
+                with counting(f"  c={c} rounds", plan.warmup_rounds + plan.rounds) as advance:
+                    for _ in range(plan.warmup_rounds):
+                        for name in targets:
+                            await one(name, n, c)
+                        advance()
+                    before = await overhead_histogram(client, memlane.url)
+                    cpu_before = cpu_seconds(memlane.process.pid)
+                    rounds: dict[str, list[Round]] = {"direct": [], "proxied": []}
+                    for i in range(plan.rounds):
+                        if i >= plan.min_rounds and time.perf_counter() - started > plan.budget_s:
+                            break
+                        for name in targets:
+                            rounds[name].append(await one(name, n, c))
+                        advance()
                 after = await overhead_histogram(client, memlane.url)
                 cpu_after = cpu_seconds(memlane.process.pid)
             except MemlaneCrashed as exc:
@@ -600,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra environment for memlane, to try a setting (e.g. MEMLANE_TORCH_THREADS=2); repeatable")
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="also draw latency against concurrency as DIR/bench-latency.png")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     quick = args.quick
@@ -712,6 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"Results written to {args.out}")
+    if args.plot:
+        print(f"Figure written to {plots.latency(results, args.plot)}")
 
 
 if __name__ == "__main__":

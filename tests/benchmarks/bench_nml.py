@@ -45,6 +45,8 @@ from adapters.nml.scan import (
     scan_reference,
 )
 from adapters.nml.train import TrainConfig, perplexity, train
+from tests.benchmarks import plots
+from tests.benchmarks.progress import counting
 
 TINY = {"d_model": 64, "n_blocks": 1, "n_layers": 1, "d_hidden": 32, "n_heads": 2, "window": 256,
         "plasticity_span": 16, "em_items": 256, "em_dim": 32, "em_writes_per_span": 8, "neuromod_hidden": 32}
@@ -88,8 +90,18 @@ def bench_scan(quick: bool, ctx: dict) -> dict:
     return {"speed_T1024": speed, "rel_error_T4096": errors}
 
 
+def _counted(source, advance):
+    """`source`, advancing a progress bar once per batch drawn (one batch per training step)."""
+    def draw(gen: torch.Generator):
+        advance()
+        return source(gen)
+
+    return draw
+
+
 def _train_model(overrides: dict, source, steps: int, seed: int, *, seq_len: int, stream_steps: int = 0,
-                 write_cost: float = 0.05, pm_budget: float = 0.05) -> tuple[NMLModel, float]:
+                 write_cost: float = 0.05, pm_budget: float = 0.05,
+                 curve: list | None = None) -> tuple[NMLModel, float]:
     """Trains a tiny model: ``steps`` batches with fresh memories per sequence (phases C then D),
     then ``stream_steps`` batches with the memories carried from batch to batch (a user's
     stream: stale bindings must fade, which is what decay is for)."""
@@ -98,11 +110,15 @@ def _train_model(overrides: dict, source, steps: int, seed: int, *, seq_len: int
     common = {"segment_len": seq_len, "lr": 3e-3, "warmup": 20, "write_cost": write_cost, "seed": seed,
               "pm_commit_budget": pm_budget}
     started = time.perf_counter()
-    train(model, source, TrainConfig(steps=steps, phases="C:0.3,D:0.7", carry_state=False,
-                                     log_every=max(steps // 4, 1), **common))
-    if stream_steps:
-        train(model, source, TrainConfig(steps=stream_steps, phases="E:1", carry_state=True,
-                                         log_every=max(stream_steps // 4, 1), **common))
+    history = []  # the learning curve: loss every ~1/30 of the steps
+    with counting(f"  training ({steps + stream_steps} steps)", steps + stream_steps) as advance:
+        history += train(model, _counted(source, advance), TrainConfig(
+            steps=steps, phases="C:0.3,D:0.7", carry_state=False, log_every=max(steps // 30, 1), **common))
+        if stream_steps:
+            history += [{**h, "step": h["step"] + steps} for h in train(model, _counted(source, advance), TrainConfig(
+                steps=stream_steps, phases="E:1", carry_state=True, log_every=max(stream_steps // 30, 1), **common))]
+    if curve is not None:
+        curve += history
     return model, time.perf_counter() - started
 
 
@@ -145,13 +161,15 @@ def _stream_eval(model, n_eval: int, sequences: int, flags: dict | None = None) 
 
 def bench_mqar(quick: bool, ctx: dict) -> dict:
     steps, stream_steps, n_eval = (60, 0, 32) if quick else (MQAR_STEPS, STREAM_STEPS, 128)
+    curve: list = []
     model, seconds = _train_model({"pm_enabled": False}, _mqar_source(16), steps, 0, seq_len=MQAR_LEN,
-                                  stream_steps=stream_steps, write_cost=EM_WRITE_COST)
+                                  stream_steps=stream_steps, write_cost=EM_WRITE_COST, curve=curve)
     ctx["mqar_model"] = model
     by_pairs = _mqar_eval(model, n_eval)
     stream = _stream_eval(model, n_eval // 2, 8)
     return {"train_steps": steps + stream_steps, "train_seconds": round(seconds, 1), "chance": tasks.CHANCE,
-            "by_pairs": by_pairs, "stream_8_sequences": stream, "params": model.num_parameters()}
+            "by_pairs": by_pairs, "stream_8_sequences": stream, "params": model.num_parameters(),
+            "learning_curve": curve}
 
 
 def bench_profile(quick: bool, ctx: dict) -> dict:
@@ -208,19 +226,20 @@ def _assoc_len() -> int:
     return tasks.assoc_retrieval(1, ASSOC_PAIRS, SPAN, ASSOC_TRAIN_GAPS[1]).tokens.shape[1]
 
 
-def _train_assoc(overrides: dict, quick: bool) -> tuple[NMLModel, float]:
+def _train_assoc(overrides: dict, quick: bool, curve: list | None = None) -> tuple[NMLModel, float]:
     steps, stream_steps = (100, 0) if quick else (ASSOC_STEPS, STREAM_STEPS)
     return _train_model({**ASSOC_PM, **overrides}, _assoc_source(16, ASSOC_PAIRS), steps, 0, seq_len=_assoc_len(),
-                        stream_steps=stream_steps, pm_budget=ASSOC_PM_BUDGET)
+                        stream_steps=stream_steps, pm_budget=ASSOC_PM_BUDGET, curve=curve)
 
 
 def bench_assoc(quick: bool, ctx: dict) -> dict:
-    model, seconds = _train_assoc({}, quick)
+    curve: list = []
+    model, seconds = _train_assoc({}, quick, curve)
     ctx["assoc_model"] = model
     n_eval = 32 if quick else 128
     return {"pairs": ASSOC_PAIRS, "d_hidden": TINY["d_hidden"], "pm_slots": 8, "window": ASSOC_PM["window"],
             "train_gaps": ASSOC_TRAIN_GAPS, "train_seconds": round(seconds, 1), **_assoc_eval(model, n_eval),
-            "chance": tasks.CHANCE}
+            "chance": tasks.CHANCE, "learning_curve": curve}
 
 
 def bench_stability(quick: bool, ctx: dict) -> dict:
@@ -235,9 +254,10 @@ def bench_stability(quick: bool, ctx: dict) -> dict:
         return text_batch(train_stream, 16, 256, gen)
 
     cfg = TrainConfig(steps=steps, segment_len=256, lr=3e-3, warmup=20, phases="A:0.2,B:0.15,C:0.15,D:0.25,E:0.25",
-                      log_every=max(steps // 4, 1), write_cost=0.05)
+                      log_every=max(steps // 30, 1), write_cost=0.05)
     started = time.perf_counter()
-    train(model, source, cfg)
+    with counting(f"  training ({steps} steps)", steps) as advance:
+        curve = train(model, _counted(source, advance), cfg)
     seconds = time.perf_counter() - started
     before_off = perplexity(model, val, tokens=eval_tokens, pm=False, em=False)
     before_on = perplexity(model, val, tokens=eval_tokens)
@@ -257,7 +277,7 @@ def bench_stability(quick: bool, ctx: dict) -> dict:
             "adapt_tokens": adapt_tokens, "eval_tokens": eval_tokens,
             "ppl_memory_off": {"before": before_off, "after": after_off, "abs_change": abs(after_off - before_off)},
             "ppl_memory_on": {"before": before_on, "after": after_on, "rel_change": after_on / before_on - 1},
-            "adaptation_write_rates": tasks.write_rates(totals)}
+            "adaptation_write_rates": tasks.write_rates(totals), "learning_curve": curve}
 
 
 def bench_ablations(quick: bool, ctx: dict) -> dict:
@@ -320,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(BENCHES), help="comma-separated benchmarks to run")
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="also draw the learning curves as DIR/bench-nml-learning-curves.png")
     return p.parse_args(argv)
 
 
@@ -339,9 +361,12 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         results[name] = BENCHES[name](args.quick, ctx)
         results[name]["seconds"] = round(time.perf_counter() - started, 1)
-        print(f"== {name} ({results[name]['seconds']} s)\n{json.dumps(results[name], indent=1)}", flush=True)
+        shown = {k: v for k, v in results[name].items() if k != "learning_curve"}  # --out and --plot have it
+        print(f"== {name} ({results[name]['seconds']} s)\n{json.dumps(shown, indent=1)}", flush=True)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        print(f"figure written to {plots.learning_curves(results, args.plot)}")
 
 
 if __name__ == "__main__":

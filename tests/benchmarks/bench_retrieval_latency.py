@@ -77,6 +77,7 @@ from memory import (
 from memory.indexes import CREATE_HNSW, HNSW_INDEX
 from proxy.enrich import inject
 from tests.benchmarks.dialogue_gen import _CHITCHAT, _DISTRACTORS, SLOTS, _fill
+from tests.benchmarks.progress import counting, track
 
 TARGET_P99_MS = {100_000: 20.0, 1_000_000: 30.0}
 BATCH = 10_000
@@ -122,12 +123,15 @@ def queries(count: int, seed: int = 12) -> list[str]:
     return [_fill(rng, rng.choice(asked)) for _ in range(count)]
 
 
-def make_embedder():
+def make_embedder(backend: str = "auto", model_cache: Path | None = None):
+    """MiniLM as the server runs it: ONNX Runtime from the model cache (``--embedder-backend``)."""
     import torch
 
     torch.set_num_threads(1)
-    embedder = MiniLMEmbedder()
+    cache = model_cache or Path.home() / ".cache" / "memlane" / "models"
+    embedder = MiniLMEmbedder(cache_dir=cache, backend=backend)
     embedder.load()
+    log(f"embedder: MiniLM on {embedder.runtime} {embedder.backend_note}".rstrip())
     return embedder
 
 
@@ -191,15 +195,17 @@ def build(path: Path, size: int, shape: str, pool: list[str], vectors: np.ndarra
     with MemoryStore.open(path, embedder=HashEmbedder(), clock=FixedClock()) as store:
         if bulk_index:
             store._writable_cursor().execute(f"DROP INDEX {HNSW_INDEX}")
-        while inserted < size:
-            batch_users = users[inserted: inserted + BATCH]
-            entries, batch_vectors = entries_for(batch_users, inserted, pool, vectors, rng)
-            started = time.perf_counter()
-            store.insert_many(entries, batch_vectors)
-            insert_s += time.perf_counter() - started
-            inserted += len(entries)
-            if inserted % 100_000 == 0 or inserted == size:
-                log(f"  {inserted} inserted, {inserted / insert_s:.0f}/s so far")
+        with counting(f"  inserting {size} memories", size) as advance:
+            while inserted < size:
+                batch_users = users[inserted: inserted + BATCH]
+                entries, batch_vectors = entries_for(batch_users, inserted, pool, vectors, rng)
+                started = time.perf_counter()
+                store.insert_many(entries, batch_vectors)
+                insert_s += time.perf_counter() - started
+                inserted += len(entries)
+                advance(len(entries))
+                if inserted % 100_000 == 0 or inserted == size:
+                    log(f"  {inserted} inserted, {inserted / insert_s:.0f}/s so far")
         if bulk_index:
             started = time.perf_counter()
             store._writable_cursor().execute(CREATE_HNSW)
@@ -226,7 +232,7 @@ def single_adds(cache_dir: Path, pool: list[str], vectors: np.ndarray, sample: i
         noisy = vectors[np.arange(sample) % len(pool)] + rng.normal(0, 0.1, (sample, 384)).astype(np.float32)
         noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
         started = time.perf_counter()
-        for text, vector in zip(texts, noisy):
+        for text, vector in track(zip(texts, noisy), f"  {sample} store.add calls", total=sample):
             store.add("u-adds", text, source=MemorySource("interaction", ref="bench",
                                                            extractor="rules"), embedding=vector)
         seconds = time.perf_counter() - started
@@ -283,7 +289,8 @@ def time_queries(store: MemoryStore, embedder, texts: list[str], users: list[str
     n_text = candidate_count(store.weights, TOP_K)
     warm = 10
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        for n, (text, user_id) in enumerate(zip(texts, users, strict=True)):
+        for n, (text, user_id) in track(enumerate(zip(texts, users, strict=True)), f"  {len(texts)} queries",
+                                        total=len(texts)):
             for name in INNER:
                 spent[name] = 0.0
             t0 = time.perf_counter()
@@ -399,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="build the HNSW index after the inserts from this size on")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="50 queries, 200 adds")
+    parser.add_argument("--embedder-backend", choices=("auto", "onnx", "torch"), default="auto",
+                        help="MiniLM runtime, as MEMLANE_EMBEDDER_BACKEND (default: ONNX Runtime)")
+    parser.add_argument("--model-cache", type=Path, default=None,
+                        help="where the ONNX export lives (default ~/.cache/memlane/models)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -406,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    embedder = make_embedder()
+    embedder = make_embedder(args.embedder_backend, args.model_cache)
     pool = pool_sentences(args.pool)
     vectors = pool_vectors(pool, args.cache_dir, embedder)
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python "

@@ -61,7 +61,9 @@ from memory import (
     MiniLMEmbedder,
     RetrievalWeights,
 )
+from tests.benchmarks import plots
 from tests.benchmarks.dialogue_gen import QUESTION_KINDS, User, generate
+from tests.benchmarks.progress import track
 
 KS = (5, 10, 20)
 TOP = 20
@@ -303,7 +305,7 @@ def run(seed: int, args: argparse.Namespace, weights: RetrievalWeights) -> list[
     stub = HashEmbedder()  # the store never embeds: every vector is passed in
     results: list[QuestionResult] = []
     started = time.perf_counter()
-    for user in users:
+    for user in track(users, f"replaying {len(users)} users"):
         results += replay_user(user, facts, vectors, weights, stub)
     memories = sum(len(fs) for fs in facts.values())
     print(f"seed {seed}: {len(users)} users, {len(facts)} turns, {memories} extracted facts, "
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="", help="overrides, e.g. text=0.4,link=0.1")
     parser.add_argument("--cache-dir", type=Path, default=Path(".bench-cache"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                        help="also draw recall against k as DIR/bench-recall-at-k.png")
     args = parser.parse_args(argv)
     args.users = args.users or (8 if args.quick else 40)
     args.sessions = args.sessions or (6 if args.quick else 12)
@@ -343,15 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary, f"seed {args.seed}, {args.embedder}, {args.users} users x {args.sessions} sessions")
     parts = contributions(results, weights)
     print("\npart contributions (weighted means):", json.dumps(parts))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    record = {
+        "seed": args.seed, "embedder": args.embedder, "users": args.users,
+        "sessions": args.sessions, "weights": asdict(weights), "commit": commit,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "summary": summary, "contributions": parts,
+    }
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-        args.out.write_text(json.dumps({
-            "seed": args.seed, "embedder": args.embedder, "users": args.users,
-            "sessions": args.sessions, "weights": asdict(weights), "commit": commit,
-            "machine": f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
-            "summary": summary, "contributions": parts,
-        }, indent=2))
+        args.out.write_text(json.dumps(record, indent=2))
+    if args.plot:
+        print(f"\nfigure written to {plots.recall(record, args.plot)}")
     memlane = summary["memlane"]["all"]
     beaten = all(memlane[f"r@{k}"] > summary[m]["all"][f"r@{k}"] for m in ("bm25", "vector", "rrf")
                  for k in KS)

@@ -11,6 +11,7 @@ import pytest
 import memory
 import memory.indexes
 from memory import (
+    MIGRATIONS,
     Clock,
     HashEmbedder,
     InteractionRecord,
@@ -57,7 +58,8 @@ def test_migrations_are_applied_once_and_recorded(db_path: Path) -> None:
         }
     finally:
         conn.close()
-    assert rows == [(1, "m001_initial"), (2, "m002_pms")]
+    assert rows[:2] == [(1, "m001_initial"), (2, "m002_pms")]
+    assert rows == [(m.version, m.name) for m in MIGRATIONS]  # every migration once, in order
     assert {"memories_user", "memory_vectors_hnsw"} <= indexes
 
 
