@@ -34,6 +34,7 @@ Consolidator = Callable[..., Any]  # consolidate(store, user_id, *, clock) -> re
 class TriggerPolicy:
     every: int = 10  # interactions learned per user
     period: timedelta = timedelta(hours=24)
+    min_gap: timedelta = timedelta(0)  # at most one run per user this often (the server: 60 s)
 
 
 @dataclass
@@ -66,10 +67,12 @@ def learn(store: MemoryStore, user_id: str, reason: str, *, consolidate: Consoli
     """One learning run for a user. `maintenance`: a promotion report already made in this
     round (promotion is one pass over every user), so several due users share one pass."""
     run = LearnRun(user_id, reason)
+    previous = (store.learner_user(user_id) or {}).get("last_run_at")
     run.promotion = maintenance if maintenance is not None else _report(store.maintain())
     if consolidate is not None:
         try:
-            run.consolidation = _report(consolidate(store, user_id, clock=store.clock))
+            # Only what changed since the user's last run can have become a duplicate.
+            run.consolidation = _report(consolidate(store, user_id, clock=store.clock, since=previous))
         except Exception as exc:  # reported in the run, logged; promotion and training go on
             log.error("job_failed", step="consolidate", user_hash=_hash(user_id), error=repr(exc))
             run.consolidation = {"error": type(exc).__name__}
@@ -81,7 +84,7 @@ def learn(store: MemoryStore, user_id: str, reason: str, *, consolidate: Consoli
 
 def run_due(store: MemoryStore, policy: TriggerPolicy, *, consolidate: Consolidator | None) -> list[LearnRun]:
     """Every user whose run is due by count or by time: one promotion pass, then each user."""
-    due = store.learner_users_due(every=policy.every, period=policy.period)
+    due = store.learner_users_due(every=policy.every, period=policy.period, min_gap=policy.min_gap)
     if not due:
         return []
     maintenance = _report(store.maintain())

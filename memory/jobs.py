@@ -281,14 +281,18 @@ class JobQueue:
 
     # -- triggers and training requests ----------------------------------------------------
 
-    def learner_users_due(self, *, every: int, period: timedelta) -> list[tuple[str, str]]:
+    def learner_users_due(
+        self, *, every: int, period: timedelta, min_gap: timedelta = timedelta(0)
+    ) -> list[tuple[str, str]]:
         """(user, reason) for users with `every` interactions learned since their last run
-        ("interactions"), or some and `period` since the last run or the first of them ("schedule")."""
+        ("interactions"), or some and `period` since the last run or the first of them
+        ("schedule"); never within `min_gap` of the user's last run."""
         now = self.clock.now()
         rows = self._cursor().execute(
-            "SELECT user_id, pending >= ? FROM learner_users WHERE pending >= ? OR (pending > 0 AND "
-            "coalesce(last_run_at, first_pending_at) <= ?) ORDER BY user_id",
-            [every, every, now - period],
+            "SELECT user_id, pending >= ? FROM learner_users WHERE (pending >= ? OR (pending > 0 AND "
+            "coalesce(last_run_at, first_pending_at) <= ?)) AND (last_run_at IS NULL OR last_run_at <= ?) "
+            "ORDER BY user_id",
+            [every, every, now - period, now - min_gap],
         ).fetchall()
         return [(u, "interactions" if by_count else "schedule") for u, by_count in rows]
 

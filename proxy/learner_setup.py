@@ -32,7 +32,8 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 def trigger_policy(settings: Settings) -> TriggerPolicy:
-    return TriggerPolicy(every=settings.learn_every, period=timedelta(hours=settings.learn_period_hours))
+    return TriggerPolicy(every=settings.learn_every, period=timedelta(hours=settings.learn_period_hours),
+                         min_gap=timedelta(seconds=settings.learn_min_gap_s))
 
 
 def build_extractor(settings: Settings, local_model: Any = None) -> Extractor:

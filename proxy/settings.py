@@ -156,6 +156,7 @@ class Settings(BaseSettings):
     learner_token: SecretStr | None = None  # required to lease jobs over HTTP when keys are set
     learn_every: int = Field(default=10, ge=1)  # interactions learned per user between runs
     learn_period_hours: float = Field(default=24.0, gt=0)  # or this long, with any learned
+    learn_min_gap_s: float = Field(default=60.0, ge=0)  # at most one run per user this often
 
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     log_queue_size: int = Field(default=10_000, gt=0)

@@ -77,9 +77,32 @@ def test_consolidation_merges_near_duplicates_into_the_strongest(store):
     assert merged.superseded_by == first.id and "merged" in merged.tags and not merged.is_current
 
 
+def test_consolidation_since_a_time_compares_only_what_changed_since(store, clock):
+    before = clock.now()
+    a, b = _pair(5, 0.93)
+    store.add("ada", "The user likes green tea.", embedding=a)
+    store.add("ada", "The user really likes green tea.", embedding=b)
+    clock.advance(seconds=60)
+    assert consolidate(store, "ada", since=clock.now()).merged == 0  # nothing changed since: not compared
+    assert len(store.list("ada")) == 2
+    assert consolidate(store, "ada", since=before).merged == 1  # both written since: merged
+    assert len(_current(store)) == 1
+
+
+def test_consolidation_never_merges_different_facts_however_close_their_vectors(store):
+    a, b = _pair(3, 0.93)  # two template facts MiniLM puts close together
+    one = "The user writes TypeScript in Neovim at work."
+    other = "The user writes Elixir in Sublime Text at work."
+    store.add("ada", one, embedding=a)
+    store.add("ada", other, embedding=b)
+    assert consolidate(store, "ada").merged == 0
+    assert _current(store) == sorted([one, other])
+
+
 @pytest.mark.parametrize(("one", "other"), [
     ("The user has two kids.", "The user has three kids."),
     ("The user likes mushrooms.", "The user doesn't like mushrooms."),
+    ("The user prefers chai over green tea.", "The user prefers green tea over chai."),
 ])
 def test_consolidation_never_merges_different_numbers_or_polarity(store, one, other):
     a, b = _pair(2, 0.93)
