@@ -49,7 +49,9 @@ def apply_facts(store: MemoryStore, embedder: Embedder, job: Job, owner: str,
     Raises `LeaseLost` (nothing written) if `owner` no longer holds the job."""
     vectors = embedder.embed([f.statement for f in facts]) if facts else []
     memories = []
-    with store.transaction(users=[job.user_id]):
+    # Only a job that writes memories changes what the user's searches see (and drops the
+    # store's RAM copy of their vectors); most interactions teach nothing.
+    with store.transaction(users=[job.user_id] if facts else []):
         for fact, vector in zip(facts, vectors, strict=True):
             source = MemorySource("interaction", job.id, extractor, job.conversation_id)
             entry, created = store.add(

@@ -35,6 +35,7 @@ from memory import (
     TierPolicy,
 )
 from proxy import routes
+from proxy.adapters_api import list_adapters
 from proxy.auth import KeyRing
 from proxy.chat import chat_completions
 from proxy.egress import EgressPolicy
@@ -149,6 +150,7 @@ def create_app(
             *learner_routes(),
             *feedback_routes(),
             Route("/v1/interactions", list_interactions, methods=["GET"]),
+            Route("/v1/adapters", list_adapters, methods=["GET"]),
             *ui_routes(),
         ],
         middleware=[

@@ -280,8 +280,8 @@ async function loadInteractions(offset) {
 
 // -- adapters ------------------------------------------------------------------------------
 
-// The personal adapters' versions. The server lists them at GET /v1/adapters once personal
-// adapters exist; until then that path is unknown (404) and there are none to show.
+// The personal adapters' versions, from GET /v1/adapters (empty until one is trained; a server
+// older than that endpoint answers 404, shown the same way).
 async function fetchAdapters() {
   try {
     const page = await api("/v1/adapters");

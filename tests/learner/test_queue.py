@@ -181,3 +181,24 @@ def test_a_sigkilled_learner_loses_and_duplicates_nothing_after_restart(tmp_path
         assert all(m.confidence.corroboration_count == 0 for m in memories)
         refs = [s.ref for m in memories for s in m.sources]
         assert sorted(refs) == sorted(ids)  # each job's effect recorded exactly once
+
+
+def test_a_job_that_teaches_nothing_keeps_the_users_searches_warm(store):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((20, 384)).astype(np.float32)
+    store.bulk_add("ada", [f"fact {i}" for i in range(20)], vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+                   source="test")
+    store.vector_neighbours("ada", vectors[0] / np.linalg.norm(vectors[0]), 3)
+    assert "ada" in store._vector_cache  # the RAM copy a search made
+
+    enqueue(store, ["What time is it?"])
+    (job,) = store.lease_jobs("w", limit=1, lease_for=timedelta(minutes=1))
+    assert run_job(store, HashEmbedder(), RulesExtractor(), job, "w", RetryPolicy()).state == "done"
+    assert "ada" in store._vector_cache  # a question wrote no memory: nothing to reload
+
+    enqueue(store, ["I keep bees."], prefix="fact")
+    (job,) = store.lease_jobs("w", limit=1, lease_for=timedelta(minutes=1))
+    assert run_job(store, HashEmbedder(), RulesExtractor(), job, "w", RetryPolicy()).state == "done"
+    assert "ada" not in store._vector_cache  # a new memory: the next search reloads
