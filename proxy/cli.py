@@ -65,8 +65,12 @@ def serve(
     settings = load_settings(config, host=host, port=port, database=db, log_format=log_format)
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(settings.torch_threads)
+    # numpy's OpenBLAS starts one thread per core, and its idle threads spin: with several
+    # searches in flight they took a core from the requests. The same budget as torch's.
+    threadpool_limits(limits=settings.torch_threads, user_api="blas")
     draining = Draining(settings.shutdown_grace_s)
     server_config = uvicorn.Config(
         create_app(settings, draining=draining),
