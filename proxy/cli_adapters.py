@@ -10,6 +10,7 @@ drive updates inside the server).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -163,14 +164,33 @@ def update(
 
     settings = load_settings(config, database=db)
     registry = _registry(settings)
-    with _store(settings) as store:
+    with _store(settings) as store, _training_progress() as on_step:
         runtime = _runtime(settings)
         if user is not None:
-            results = [run_update(store, user, runtime=runtime, registry=registry)]
+            results = [run_update(store, user, runtime=runtime, registry=registry, on_step=on_step)]
         else:
-            results = run_requested_updates(store, runtime=runtime, registry=registry)
+            results = run_requested_updates(store, runtime=runtime, registry=registry, on_step=on_step)
     if not results:
         console.print("no pending training requests")
     for r in results:
         what = f"version {r.version.version} {r.version.status}" if r.version else "nothing to train on"
         console.print(f"{r.user_id}: {what} in {r.seconds:.0f} s" + (f" ({'; '.join(r.reasons)})" if r.reasons and r.version else ""))
+
+
+@contextmanager
+def _training_progress() -> Iterator[Callable[[int, int], None]]:
+    """A rich bar of optimizer steps on stderr, one task per adapter trained; off a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    columns = (TextColumn("training adapter"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task: list[Any] = []
+
+        def on_step(done: int, total: int) -> None:
+            if done == 1 or not task:
+                task[:] = [bar.add_task("training", total=total)]
+            bar.update(task[0], completed=done, total=total)
+
+        yield on_step

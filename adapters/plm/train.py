@@ -19,6 +19,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,8 +118,10 @@ def trainable_parameters(model: Any, adapter: str) -> list[Any]:
 
 def train_adapter(
     runtime: PLMRuntime, adapter: str, examples: list[Example], replay: list[list[int]], config: TrainConfig,
+    *, on_step: Callable[[int, int], None] | None = None,
 ) -> TrainStats:
-    """Trains the named (already added) adapter in place on the examples."""
+    """Trains the named (already added) adapter in place on the examples; `on_step(done, total)`
+    after each optimizer step (the CLI's progress bar)."""
     import torch
 
     model = runtime.peft_model
@@ -164,6 +167,8 @@ def train_adapter(
             optimizer.step()
             schedule.step()
             stats.steps, stats.losses = step + 1, {k: round(v, 4) for k, v in parts.items()}
+            if on_step is not None:
+                on_step(step + 1, total)
             if step % 10 == 0 or step == total - 1:
                 log.info("plm_train_step", step=step + 1, of=total, **stats.losses)
     finally:

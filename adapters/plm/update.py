@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,7 @@ def training_examples(
 def run_update(
     store: MemoryStore, user_id: str, *, runtime: PLMRuntime, registry: AdapterRegistry,
     config: UpdateConfig | None = None, scorer: TeacherScorer | None = None,
-    pairs: list[QAPair] | None = None,
+    pairs: list[QAPair] | None = None, on_step: Callable[[int, int], None] | None = None,
 ) -> UpdateResult:
     """Train, gate and register one new adapter version for the user."""
     config = config or UpdateConfig()
@@ -116,7 +117,7 @@ def run_update(
         runtime.fresh_adapter(CANDIDATE, seed=config.train.seed)
     replay = text_windows(runtime.tokenizer, replay_text(), count=config.replay_windows,
                           length=config.train.replay_tokens, seed=config.train.seed)
-    stats = train_adapter(runtime, CANDIDATE, examples, replay, config.train)
+    stats = train_adapter(runtime, CANDIDATE, examples, replay, config.train, on_step=on_step)
 
     current = store.list(user_id, limit=MAX_MEMORIES)
     history = store.list(user_id, limit=MAX_MEMORIES, include_history=True)

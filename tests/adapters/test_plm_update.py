@@ -91,7 +91,10 @@ def test_an_incremental_update_starts_from_the_live_adapter_and_records_what_it_
     lenient = GateConfig(min_fact_recall=0.0, max_ppl_drift=10.0, heldout_windows=2, heldout_tokens=32,
                          max_new_tokens=4)
     config = UpdateConfig(train=TrainConfig(max_steps=2, replay_tokens=32), replay_windows=2, gate=lenient)
-    one = run_update(store, "ann", runtime=runtime, registry=registry, config=config)
+    steps: list[tuple[int, int]] = []
+    one = run_update(store, "ann", runtime=runtime, registry=registry, config=config,
+                     on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 2), (2, 2)]  # what the CLI's progress bar draws
     second, _ = store.add("ann", "The user's cat is named Biscuit.")
     two = run_update(store, "ann", runtime=runtime, registry=registry, config=config)
     assert one.accepted and two.accepted
