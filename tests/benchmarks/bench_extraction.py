@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.benchmarks.progress import track
+
 DATA = Path(__file__).resolve().parents[1] / "learner" / "data"
 SET_PATH = DATA / "utterances.jsonl"  # the development set
 HELDOUT_PATH = DATA / "utterances_heldout.jsonl"  # written after the extractor's last change
@@ -120,7 +122,8 @@ def evaluate(extract: Extractor, utterances: list[Utterance], *, verbose: bool =
     """Tallies per category, plus "all"; `verbose` prints each message's outcome as it goes."""
     by_category: dict[str, Tally] = {}
     total = Tally()
-    for n, utterance in enumerate(utterances, 1):
+    for n, utterance in track(enumerate(utterances, 1), f"extracting {len(utterances)} utterances",
+                              total=len(utterances)):
         started = time.perf_counter()
         tally = score_one(utterance, extract(utterance.text))
         if verbose:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.benchmarks.progress import track
+
 # (statement the user makes, the fact's value, kind of question)
 FACTS: list[tuple[str, str, str]] = [
     ("My cat is named Biscuit.", "Biscuit", "name:cat"),
@@ -127,7 +129,7 @@ def start(work: Path, env: dict[str, str]) -> Server:
 
 
 def teach(client, model: str, facts: list[tuple[str, str, str]]) -> None:
-    for statement, _, _ in facts:
+    for statement, _, _ in track(facts, f"teaching {len(facts)} facts"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": statement}], max_tokens=4)
 
 
@@ -146,7 +148,7 @@ def recall(client, model: str, facts: list[tuple[str, str, str]], *, tokens: int
     from adapters.plm.facts import contains_value
 
     rows = []
-    for _, value, kind in facts:
+    for _, value, kind in track(facts, f"asking {len(facts)} facts"):
         for q in questions(kind):
             answer = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": q}], max_tokens=tokens, temperature=0,
