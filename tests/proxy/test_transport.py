@@ -71,3 +71,14 @@ def test_pooled_splits_the_connection_limits_between_shards() -> None:
     assert {pool._max_connections for pool in pools} == {3}
     with pytest.raises(ValueError):
         ShardedTransport.pooled(0, limits=httpx.Limits())
+
+
+async def test_a_body_the_transport_already_read_is_relayed_whole() -> None:
+    """httpx.MockTransport (and any transport returning whole bodies) hands over a read response."""
+    from proxy.upstream import UpstreamReply, timed_raw
+
+    response = httpx.Response(200, content=b"data: {}\n\ndata: [DONE]\n\n")
+    assert response.is_stream_consumed
+    reply = UpstreamReply(body=response.aiter_bytes(), provider="anthropic")
+    relayed = [chunk async for chunk in timed_raw(response, reply)]
+    assert b"".join(relayed) == b"data: {}\n\ndata: [DONE]\n\n"
