@@ -106,6 +106,16 @@ class _UserVectors:
         return {i: float(s) for (i, _), s in zip(found, scores)}
 
 
+def fetch_user_vectors(cursor: duckdb.DuckDBPyConnection, user_id: str) -> tuple[list[str], np.ndarray]:
+    """Every vector of the user's memories, history included, in id order: (ids, (n, 384))."""
+    table = cursor.execute(
+        "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
+    ).fetch_arrow_table()
+    ids = table.column("id").to_pylist()
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return ids, np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+
+
 def query_words(text: str, stopwords: frozenset[str]) -> list[str]:
     """The query's words as the fts index tokenises documents, before stemming."""
     plain = unicodedata.normalize("NFKD", text.lower())
@@ -252,12 +262,7 @@ class IndexedSearch:
         if cached is not None:
             self._vector_cache.move_to_end(user_id)
             return cached
-        table = self._cursor().execute(
-            "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
-        ).fetch_arrow_table()
-        ids = table.column("id").to_pylist()
-        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        matrix = np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)  # (n, 384)
+        ids, matrix = fetch_user_vectors(self._cursor(), user_id)
         cached = _UserVectors(ids, matrix, {memory_id: row for row, memory_id in enumerate(ids)})
         self._vector_cache[user_id] = cached
         while sum(len(v.ids) for v in self._vector_cache.values()) > VECTOR_CACHE_MAX_ROWS:

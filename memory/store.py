@@ -63,7 +63,7 @@ from memory.entry import (
 )
 from memory.extensions import ATTACHED_NAME, connect
 from memory.feedback import FeedbackLog
-from memory.indexes import CREATE_HNSW, HNSW_INDEX, IndexedSearch
+from memory.indexes import CREATE_HNSW, HNSW_INDEX, IndexedSearch, fetch_user_vectors
 from memory.interactions import InteractionLog
 from memory.jobs import JobQueue
 from memory.migrations import apply_migrations, check_schema_current
@@ -745,12 +745,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
 
     def user_vectors(self, user_id: str) -> tuple[list[str], np.ndarray]:
         """Every vector of the user's memories, history included: (ids, (n, 384) matrix)."""
-        table = self._cursor().execute(
-            "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
-        ).fetch_arrow_table()
-        ids = table.column("id").to_pylist()
-        flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return ids, np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+        return fetch_user_vectors(self._cursor(), user_id)
 
     def user_signature(self, user_id: str) -> tuple[int, datetime | None]:
         """(current memories, their latest update): changes whenever the user's memories do."""

@@ -14,16 +14,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.auth import USER_HEADER, resolve_user
+from proxy.caller import caller_user
 from proxy.state import AppState
 
 
 async def list_adapters(request: Request) -> Response:
-    state: AppState = request.app.state.memlane
-    principal = state.keyring.authenticate(request.headers)
-    user_id = resolve_user(principal, body_user=request.query_params.get("user"),
-                           header_user=request.headers.get(USER_HEADER))
-    data = await asyncio.to_thread(adapter_versions, state, user_id)
+    user_id = caller_user(request)
+    data = await asyncio.to_thread(adapter_versions, request.app.state.memlane, user_id)
     return JSONResponse({"object": "list", "data": data})
 
 

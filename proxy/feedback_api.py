@@ -24,11 +24,9 @@ from learner import (
     domain_report,
     give_feedback,
 )
-from memory import MemoryStore
-from proxy.auth import USER_HEADER, resolve_user
-from proxy.errors import InvalidRequest, NotFound, ServiceUnavailable
+from proxy.caller import caller, invalid_value
+from proxy.errors import InvalidRequest, NotFound
 from proxy.schema import read_json
-from proxy.state import AppState
 
 __all__ = ["domains", "export_dataset", "feedback", "feedback_routes", "parse_feedback"]
 
@@ -55,36 +53,26 @@ def parse_feedback(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
         raise InvalidRequest("Missing required parameter: 'response_id'.", param="response_id",
                              code="missing_required_parameter")
     if not isinstance(response_id, str) or not 0 < len(response_id.strip()) <= 200:
-        raise _invalid("response_id", "a non-empty string of at most 200 characters")
+        raise invalid_value("response_id", "a non-empty string of at most 200 characters")
     rating = body.get("rating")
     if rating is not None and rating not in RATINGS:
-        raise _invalid("rating", "good or bad")
+        raise invalid_value("rating", "good or bad")
     correction = body.get("correction")
     if correction is not None and (not isinstance(correction, str) or not correction.strip()
                                    or len(correction) > MAX_CORRECTION_CHARS):
-        raise _invalid("correction", f"a non-empty string of at most {MAX_CORRECTION_CHARS} characters")
+        raise invalid_value("correction", f"a non-empty string of at most {MAX_CORRECTION_CHARS} characters")
     if rating is None and correction is None:
         raise InvalidRequest("Feedback needs a 'rating' (good or bad), a 'correction', or both.",
                              param="rating", code="missing_required_parameter")
     return response_id.strip(), rating, correction
 
 
-def _invalid(name: str, what: str) -> InvalidRequest:
-    return InvalidRequest(f"Invalid value for '{name}': expected {what}.", param=name, code="invalid_value")
 
 
-def _caller(request: Request) -> tuple[str, MemoryStore]:
-    state: AppState = request.app.state.memlane
-    principal = state.keyring.authenticate(request.headers)
-    user_id = resolve_user(principal, body_user=request.query_params.get("user"),
-                           header_user=request.headers.get(USER_HEADER))
-    if state.store is None:
-        raise ServiceUnavailable("The memory store is unavailable.", code="memory_unavailable")
-    return user_id, state.store
 
 
 async def feedback(request: Request) -> Response:
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     response_id, rating, correction = parse_feedback(await read_json(request))
     try:
         result = await asyncio.to_thread(give_feedback, store, user_id, response_id,
@@ -101,17 +89,17 @@ async def feedback(request: Request) -> Response:
 
 
 async def domains(request: Request) -> Response:
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     shares = await asyncio.to_thread(domain_report, store, user_id)
     return JSONResponse({"object": "list", "user": user_id, "data": [s.as_dict() for s in shares]})
 
 
 async def export_dataset(request: Request) -> Response:
     """The caller's dataset as JSONL; its version in ``x-memlane-dataset-version``."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     raw = request.query_params.get("seed", "0")
     if not raw.isdigit() or int(raw) > 2**31:
-        raise _invalid("seed", "an integer from 0 to 2147483648")
+        raise invalid_value("seed", "an integer from 0 to 2147483648")
     dataset = await asyncio.to_thread(build_dataset, store, user_id, seed=int(raw))
     return Response(dataset.jsonl(), media_type="application/x-ndjson",
                     headers={"x-memlane-dataset-version": dataset.version,

@@ -14,9 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.auth import USER_HEADER, resolve_user
-from proxy.errors import InvalidRequest, ServiceUnavailable
-from proxy.state import AppState
+from proxy.caller import caller, query_int
 
 MAX_TEXT = 2000
 MAX_LIMIT = 100
@@ -25,15 +23,10 @@ MAX_OFFSET = 10_000  # the log is read newest first; deep pages are for export, 
 
 async def list_interactions(request: Request) -> Response:
     """A page of the caller's logged interactions: `limit` (1-100, default 20), `offset`."""
-    state: AppState = request.app.state.memlane
-    principal = state.keyring.authenticate(request.headers)
-    user_id = resolve_user(principal, body_user=request.query_params.get("user"),
-                           header_user=request.headers.get(USER_HEADER))
-    if state.store is None:
-        raise ServiceUnavailable("The memory store is unavailable.", code="memory_unavailable")
-    limit = _int(request, "limit", 20, 1, MAX_LIMIT)
-    offset = _int(request, "offset", 0, 0, MAX_OFFSET)
-    rows = await asyncio.to_thread(state.store.interactions, user_id=user_id, limit=offset + limit + 1)
+    user_id, store = caller(request)
+    limit = query_int(request, "limit", 20, 1, MAX_LIMIT)
+    offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
+    rows = await asyncio.to_thread(store.interactions, user_id=user_id, limit=offset + limit + 1)
     page = rows[offset:offset + limit]
     return JSONResponse({"object": "list", "data": [summary(r) for r in page],
                          "has_more": len(rows) > offset + limit})
@@ -81,16 +74,3 @@ def _text(content: object) -> str:
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "…"
 
-
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise InvalidRequest(f"Invalid value for '{name}': expected an integer from {low} to {high}.",
-                             param=name, code="invalid_value")
-    return value

@@ -35,10 +35,9 @@ from memory import (
     import_jsonl,
     import_parquet,
 )
-from proxy.auth import USER_HEADER, resolve_user
-from proxy.errors import InvalidRequest, NotFound, ProxyError, ServiceUnavailable
+from proxy.caller import caller, invalid_value, query_int
+from proxy.errors import InvalidRequest, NotFound, ProxyError
 from proxy.schema import read_json
-from proxy.state import AppState
 
 MAX_CONTENT = 2000
 MAX_LABELS = 64  # tags or domains on one memory
@@ -73,20 +72,20 @@ def _parse(body: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
     for name, value in body.items():
         if name == "content":
             if not isinstance(value, str) or not value.strip() or len(value) > MAX_CONTENT:
-                raise _invalid(name, f"a non-empty string of at most {MAX_CONTENT} characters")
+                raise invalid_value(name, f"a non-empty string of at most {MAX_CONTENT} characters")
             out[name] = value.strip()
         elif name in ("tags", "domains"):
             if (not isinstance(value, list) or len(value) > MAX_LABELS
                     or not all(isinstance(v, str) and 0 < len(v.strip()) <= 100 for v in value)):
-                raise _invalid(name, f"a list of at most {MAX_LABELS} non-empty strings")
+                raise invalid_value(name, f"a list of at most {MAX_LABELS} non-empty strings")
             out[name] = [v.strip() for v in value]
         elif name == "importance":
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise _invalid(name, "a number from 0 to 1")
+                raise invalid_value(name, "a number from 0 to 1")
             out[name] = float(value)
         elif name == "validated":
             if not isinstance(value, bool):
-                raise _invalid(name, "true or false")
+                raise invalid_value(name, "true or false")
             out[name] = value
         else:
             out[name] = _enum(name, value, {"tier": Tier, "memory_type": MemoryType,
@@ -107,50 +106,23 @@ def _enum(name: str, value: object, kind: type[StrEnum]) -> Any:
     try:
         return kind(value)
     except ValueError as exc:
-        raise _invalid(name, f"one of {', '.join(kind)}") from exc
-
-
-def _invalid(name: str, what: str) -> InvalidRequest:
-    return InvalidRequest(f"Invalid value for '{name}': expected {what}.", param=name, code="invalid_value")
+        raise invalid_value(name, f"one of {', '.join(kind)}") from exc
 
 
 # -- request plumbing ------------------------------------------------------------------
 
 
-def _caller(request: Request) -> tuple[str, MemoryStore]:
-    state: AppState = request.app.state.memlane
-    principal = state.keyring.authenticate(request.headers)
-    user_id = resolve_user(principal, body_user=request.query_params.get("user"),
-                           header_user=request.headers.get(USER_HEADER))
-    if state.store is None:
-        raise ServiceUnavailable("The memory store is unavailable.", code="memory_unavailable")
-    return user_id, state.store
-
-
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise _invalid(name, f"an integer from {low} to {high}")
-    return value
-
-
 def _bool(request: Request, name: str) -> bool:
     raw = request.query_params.get(name, "false").lower()
     if raw not in ("true", "false", "1", "0"):
-        raise _invalid(name, "true or false")
+        raise invalid_value(name, "true or false")
     return raw in ("true", "1")
 
 
 def _format(request: Request, default: str | None = "jsonl") -> str | None:
     fmt = request.query_params.get("format", default)
     if fmt is not None and fmt not in FORMATS:
-        raise _invalid("format", "jsonl or parquet")
+        raise invalid_value("format", "jsonl or parquet")
     return fmt
 
 
@@ -175,7 +147,7 @@ def action_of(memory: MemoryEntry, created: bool) -> str:
 
 async def memories_collection(request: Request) -> Response:
     """GET: list, or search with `q`. POST: add."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     if request.method == "POST":
         fields = parse_new(await read_json(request))
         content, sensitivity = fields.pop("content"), fields.pop("sensitivity", None)
@@ -187,10 +159,10 @@ async def memories_collection(request: Request) -> Response:
         return await _search(request, user_id, store, query)
     tiers = request.query_params.getlist("tier")
     if len(tiers) > 1:
-        raise _invalid("tier", "a single tier when listing")
-    limit = _int(request, "limit", 100, 1, 1000)
+        raise invalid_value("tier", "a single tier when listing")
+    limit = query_int(request, "limit", 100, 1, 1000)
     found = await asyncio.to_thread(
-        store.list, user_id, limit=limit + 1, offset=_int(request, "offset", 0, 0, 10**9),
+        store.list, user_id, limit=limit + 1, offset=query_int(request, "offset", 0, 0, 10**9),
         tier=_enum("tier", tiers[0], Tier) if tiers else None,
         include_history=_bool(request, "include_history"),
     )
@@ -200,7 +172,7 @@ async def memories_collection(request: Request) -> Response:
 
 async def _search(request: Request, user_id: str, store: MemoryStore, query: str) -> Response:
     if not query.strip() or len(query) > MAX_CONTENT:
-        raise _invalid("q", f"a non-empty string of at most {MAX_CONTENT} characters")
+        raise invalid_value("q", f"a non-empty string of at most {MAX_CONTENT} characters")
     tiers = [_enum("tier", t, Tier) for t in request.query_params.getlist("tier")]
     domains = request.query_params.getlist("domain")
     try:
@@ -208,9 +180,9 @@ async def _search(request: Request, user_id: str, store: MemoryStore, query: str
     except ValueError:
         min_score = -1.0
     if not 0 <= min_score <= 1:
-        raise _invalid("min_score", "a number from 0 to 1")
+        raise invalid_value("min_score", "a number from 0 to 1")
     found = await asyncio.to_thread(
-        store.search_text, user_id, query, k=_int(request, "limit", 10, 1, 100), min_score=min_score,
+        store.search_text, user_id, query, k=query_int(request, "limit", 10, 1, 100), min_score=min_score,
         tiers=tiers or None, domains=domains or None, touch=False,  # looking does not count as use
     )
     return JSONResponse({"object": "list", "data": [as_json(m) for m in found], "has_more": False})
@@ -218,7 +190,7 @@ async def _search(request: Request, user_id: str, store: MemoryStore, query: str
 
 async def memory_item(request: Request) -> Response:
     """GET, PATCH or DELETE /v1/memories/{memory_id}."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     memory_id = request.path_params["memory_id"]
     if request.method == "GET":
         memory = await asyncio.to_thread(store.get, user_id, memory_id)
@@ -244,7 +216,7 @@ async def memory_item(request: Request) -> Response:
 
 async def export_memories(request: Request) -> Response:
     """The caller's memories, history included, as a JSONL or Parquet file."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     fmt = _format(request)
     fd, path = tempfile.mkstemp(prefix="memlane-export-", suffix=f".{fmt}")
     os.close(fd)
@@ -259,7 +231,7 @@ async def export_memories(request: Request) -> Response:
 
 async def import_memories(request: Request) -> Response:
     """Import a JSONL or Parquet export (the request body) into the caller's memories."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     raw = await request.body()
     fmt = _format(request, default=None) or ("parquet" if raw.startswith(b"PAR1") else "jsonl")
     if not raw.strip():
@@ -275,7 +247,7 @@ async def import_memories(request: Request) -> Response:
 
 async def wipe_memories(request: Request) -> Response:
     """Delete everything memlane holds for the caller: memories and logged interactions."""
-    user_id, store = _caller(request)
+    user_id, store = caller(request)
     body = await read_json(request)
     if body.get("confirm") is not True:
         raise InvalidRequest("Wiping deletes all of this user's memories and logged interactions for "
