@@ -224,6 +224,10 @@ class IndexedSearch:
         (rows,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
         if self._deletes_since_index_load < max(MIN_DELETES_BETWEEN_REBUILDS, rows // 4):
             return
+        self._rebuild_vector_index(cursor)
+
+    def _rebuild_vector_index(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        """A fresh HNSW index, without the tombstones deletes leave in the old one."""
         cursor.execute("BEGIN TRANSACTION")
         try:
             cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")

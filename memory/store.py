@@ -63,7 +63,7 @@ from memory.entry import (
 )
 from memory.extensions import ATTACHED_NAME, connect
 from memory.feedback import FeedbackLog
-from memory.indexes import CREATE_HNSW, HNSW_INDEX, IndexedSearch, fetch_user_vectors
+from memory.indexes import IndexedSearch, fetch_user_vectors
 from memory.interactions import InteractionLog
 from memory.jobs import JobQueue
 from memory.migrations import apply_migrations, check_schema_current
@@ -771,15 +771,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             cursor = self._writable_cursor()
             tombstones = self._deletes_since_index_load
             if self.has_vector_index:
-                cursor.execute("BEGIN TRANSACTION")
-                try:
-                    cursor.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
-                    cursor.execute(CREATE_HNSW)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    cursor.execute("ROLLBACK")
-                    raise
-                self._deletes_since_index_load = 0
+                self._rebuild_vector_index(cursor)
         self.refresh_text_index()
         with self._write_lock:
             self._writable_cursor().execute("CHECKPOINT")
