@@ -43,6 +43,7 @@ from proxy.upstream import (
     UpstreamReply,
     forwarded_headers,
     one_chunk,
+    read_body,
     timed_raw,
     upstream_model,
     upstream_status_error,
@@ -83,14 +84,7 @@ async def forward(
         relayed["request-id"] = response.headers["request-id"]
     media_type = response.headers.get("content-type", "application/json").split(";")[0]
     if not stream:  # read it all here, where the caller's disconnect watch still applies
-        try:
-            body = await response.aread()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"{provider} upstream timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{provider} upstream broke: {type(exc).__name__}") from exc
-        finally:
-            await response.aclose()
+        body = await read_body(response, provider)
         return UpstreamReply(body=one_chunk(body), provider=provider, headers=relayed, media_type=media_type,
                              upstream_s=time.perf_counter() - started)
     reply = UpstreamReply(body=one_chunk(b""), provider=provider, headers=relayed, media_type=media_type,

@@ -103,14 +103,7 @@ class OpenAIUpstream:
             raise upstream_status_error(self.provider, response.status_code, content, response.headers)
 
         if not stream:  # read it all here, where the caller's disconnect watch still applies
-            try:
-                content = await response.aread()
-            except httpx.TimeoutException as exc:
-                raise UpstreamTimeout(f"{self.provider} upstream timed out") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"{self.provider} upstream broke: {type(exc).__name__}") from exc
-            finally:
-                await response.aclose()
+            content = await read_body(response, self.provider)
             media_type = response.headers.get("content-type", "application/json").split(";")[0]
             if media_type == "application/json" and not _is_json(content):
                 raise UpstreamError(f"{self.provider} upstream returned malformed JSON",
@@ -170,6 +163,18 @@ async def timed(items: AsyncIterator[T], reply: UpstreamReply) -> AsyncIterator[
         finally:
             reply.upstream_s += time.perf_counter() - started
         yield item
+
+
+async def read_body(response: httpx.Response, provider: str) -> bytes:
+    """The whole response body, closed after; httpx failures as memlane's upstream errors."""
+    try:
+        return await response.aread()
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"{provider} upstream timed out") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"{provider} upstream broke: {type(exc).__name__}") from exc
+    finally:
+        await response.aclose()
 
 
 async def timed_raw(response: httpx.Response, reply: UpstreamReply) -> AsyncIterator[bytes]:
