@@ -20,7 +20,7 @@ from learner.llm_extract import (
     LocalModelCompleter,
     OpenAICompatibleCompleter,
 )
-from learner.queue import LeaseLost, apply_facts, run_job
+from learner.queue import LeaseLost, apply_facts, run_job, run_jobs
 from learner.runner import JobRunner
 from learner.teacher import assemble
 from learner.triggers import LearnRun, TriggerPolicy, find_consolidator, learn, run_due
@@ -64,4 +64,5 @@ __all__ = [
     "preload",
     "run_due",
     "run_job",
+    "run_jobs",
 ]

@@ -86,7 +86,7 @@ class ScoreParts:
 
     total: float
     vector: float = 0.0  # cosine similarity to the query
-    text: float = 0.0  # BM25 over the query, scaled by the best BM25 of this query
+    text: float = 0.0  # BM25 over the query, saturated: bm25 / (bm25 + 2)
     recency: float = 0.0
     importance: float = 0.0
     confidence: float = 0.0

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from memory.rows import EMBEDDING_DIM, vector_param
+from memory.views import ViewCache
 
 __all__ = ["EXACT_SCAN_MAX_ROWS", "HNSW_INDEX", "IndexedSearch"]
 
@@ -138,6 +139,8 @@ class IndexedSearch:
     _deletes_since_index_load: int
     _user_rows: dict[str, int]
     _vector_cache: OrderedDict[str, _UserVectors]
+    _views: ViewCache
+    _local: threading.local
     _stopwords: frozenset[str]
     encrypted: bool
 
@@ -241,13 +244,17 @@ class IndexedSearch:
     # -- search primitives -------------------------------------------------------------
 
     def _user_changed(self, user_id: str | None) -> None:
-        """Forget cached counts and vectors of a user (None: of everyone) after a write."""
+        """Forget cached counts, vectors and views of a user (None: of everyone) after a write.
+        Inside `transaction()` the user is remembered and forgotten again after the commit."""
         if user_id is None:
             self._user_rows.clear()
             self._vector_cache.clear()
         else:
             self._user_rows.pop(user_id, None)
             self._vector_cache.pop(user_id, None)
+        self._views.invalidate(user_id)
+        if getattr(self._local, "in_transaction", False) and user_id is not None:
+            self._local.written.add(user_id)
 
     def _rows_of(self, user_id: str) -> int:
         rows = self._user_rows.get(user_id)

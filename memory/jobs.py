@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -194,6 +195,31 @@ class JobQueue:
                 [rows[0][0], now],
             )
         return True
+
+    def complete_jobs(self, job_ids: Sequence[str], owner: str, result: dict) -> set[str]:
+        """`complete_job` for many jobs with the same result (jobs that found no fact), in one
+        transaction; returns the ids that were still leased by `owner` and are now done."""
+        if not job_ids:
+            return set()
+        now = self.clock.now()
+        with self.transaction() as cursor:
+            rows = cursor.execute(
+                "UPDATE learner_jobs SET state = 'done', result = $1, finished_at = $2, updated_at = $2, "
+                "leased_until = NULL, last_error = NULL "
+                "WHERE list_contains($3::VARCHAR[], id) AND state = 'leased' AND lease_owner = $4 "
+                "RETURNING id, user_id",
+                [json.dumps(result), now, list(job_ids), owner],
+            ).fetchall()
+            per_user = Counter(user_id for _, user_id in rows)
+            if per_user:
+                users, counts = zip(*sorted(per_user.items()), strict=True)
+                cursor.execute(
+                    "INSERT INTO learner_users SELECT unnest($1::VARCHAR[]), unnest($2::BIGINT[]), $3, NULL "
+                    "ON CONFLICT (user_id) DO UPDATE SET pending = learner_users.pending + excluded.pending, "
+                    "first_pending_at = coalesce(learner_users.first_pending_at, excluded.first_pending_at)",
+                    [list(users), list(counts), now],
+                )
+        return {job_id for job_id, _ in rows}
 
     def fail_job(self, job_id: str, owner: str, error: str, policy: RetryPolicy) -> str | None:
         """Record a failed attempt: back to pending after the policy's backoff, or dead after

@@ -6,14 +6,19 @@ For one query:
 2. only current memories survive (not superseded, not expired), filtered by tier and domain
    when asked; every survivor gets its cosine similarity, whichever leg found it;
 3. link expansion: the best few seeds pull in memories linked to them (supports, related,
-   derived from) and memories learned in the same conversation, scored through the link;
-4. each memory's score is a weighted sum of its parts (`ScoreParts`): vector, text, recency,
-   importance, confidence, access frequency, tier, link. The parts travel with the result, so
-   a user can see why a memory was chosen;
+   derived from) and memories learned in the same conversation, scored through the link in
+   proportion to the seed's relevance; a conversation's share is divided among its memories;
+4. each memory's score is match x prior (`ScoreParts` holds every part):
+   match = weighted sum of how well it answers the query (vector, text, link);
+   prior = 1 - sum of weight x (1 - signal) over the memory's own signals (recency,
+   importance, confidence, access frequency, tier): a memory perfect on every signal keeps
+   its match, one poor on all loses at most the sum of their weights;
 5. the top k are returned, and their access statistics updated in the background.
 
 A memory is relevant when its vector or text part (or its link part) reaches `min_score`;
-the signals of the memory itself only order relevant memories, they never make one relevant.
+the signals of the memory itself only order relevant memories, they never make one relevant:
+being a factor, the prior scales a weak match down as much as a strong one, it cannot lift an
+unrelated memory over a related one by much.
 """
 
 from __future__ import annotations
@@ -32,27 +37,30 @@ from memory.tiers import recency as recency_of
 if TYPE_CHECKING:
     from memory.store import MemoryStore
 
-__all__ = ["RetrievalWeights", "retrieve"]
+__all__ = ["RetrievalWeights", "retrieve", "total"]
 
 TIER_VALUE = {Tier.SHORT_TERM: 0.4, Tier.LONG_TERM: 0.7, Tier.PERSISTENT: 1.0}
 LINK_KINDS = {"supports": 1.0, "related": 0.8, "derived_from": 0.8}
-CONVERSATION_LINK = 0.6  # weight of "learned in the same conversation"
-TEXT_SCALE = 6.0  # BM25 is divided by max(best BM25 of the query, this)
+CONVERSATION_LINK = 0.6  # shared among the memories learned in the seed's conversation
+TEXT_HALF = 2.0  # the BM25 score whose text part is 0.5: text = bm25 / (bm25 + this)
+MATCH_PARTS = ("vector", "text", "link")
+PRIOR_PARTS = ("recency", "importance", "confidence", "frequency", "tier")
 
 
 @dataclass(frozen=True, slots=True)
 class RetrievalWeights:
-    # recency and link tuned on the development seed of bench_retrieval_quality (see
-    # docs/benchmarks.md); they were 0.04 and 0.25: at 0.25 the same-conversation
-    # expansion pulled whole sessions of the top seeds into the results.
+    """vector, text, link: the match's weighted sum; the rest: how much a memory at 0 on that
+    signal loses of its match (the prior's weights; their sum is the most it can lose).
+    Tuned on the development seed of bench_retrieval_quality (see docs/benchmarks.md)."""
+
     vector: float = 0.55
     text: float = 0.25
-    recency: float = 0.08
-    importance: float = 0.03
-    confidence: float = 0.05
-    frequency: float = 0.02
-    tier: float = 0.04
     link: float = 0.1
+    recency: float = 0.2
+    importance: float = 0.05
+    confidence: float = 0.05
+    frequency: float = 0.05
+    tier: float = 0.1
     candidates: int = 30  # from each leg
     link_seeds: int = 3  # best memories whose links are followed
     link_decay: float = 0.5  # a linked memory's link part: seed relevance x this x link weight
@@ -93,10 +101,7 @@ def retrieve(
     text = dict(text_hits)
     entries = _eligible(store.get_many(user_id, [*vector, *text], relations=False), now, tiers, domains)
     _fill_similarities(store, user_id, embedding, entries, vector)
-    best_text = max([text.get(i, 0.0) for i in entries] + [TEXT_SCALE])
-    relevance = {
-        i: max(vector.get(i, 0.0), text.get(i, 0.0) / best_text) for i in entries
-    }
+    relevance = {i: max(vector.get(i, 0.0), text_part(text.get(i, 0.0))) for i in entries}
     link: dict[str, tuple[float, str]] = {}
     if expand_links and entries:
         seeds = sorted(entries, key=lambda i: relevance[i], reverse=True)[: weights.link_seeds]
@@ -110,7 +115,7 @@ def retrieve(
         link_score, via = link.get(memory_id, (0.0, None))
         if max(relevance.get(memory_id, vector.get(memory_id, 0.0)), link_score) < min_score:
             continue
-        parts = _parts(entry, vector.get(memory_id, 0.0), text.get(memory_id, 0.0) / best_text,
+        parts = _parts(entry, vector.get(memory_id, 0.0), text_part(text.get(memory_id, 0.0)),
                        link_score, via, now, weights, store)
         results.append(replace(entry, score=parts))
     results.sort(key=lambda e: (-e.score.total, e.id))  # type: ignore[union-attr]
@@ -118,6 +123,12 @@ def retrieve(
     if touch:
         store.record_access(user_id, [e.id for e in results])
     return store.with_relations(user_id, results) if relations else results
+
+
+def text_part(bm25: float) -> float:
+    """BM25 saturated into [0, 1): not scaled by the query's best match, so a memory sharing
+    one common word with the query gets a small part even when nothing matches better."""
+    return bm25 / (bm25 + TEXT_HALF) if bm25 > 0 else 0.0
 
 
 def _eligible(
@@ -146,7 +157,11 @@ def _fill_similarities(
 def _expand(
     store: MemoryStore, user_id: str, seeds: list[str], relevance: dict[str, float], decay: float
 ) -> dict[str, tuple[float, str]]:
-    """Memories reached from the seeds: id -> (link part, seed id), strongest path kept."""
+    """Memories reached from the seeds: id -> (link part, seed id), strongest path kept.
+
+    A link part is the seed's relevance x `decay` x the link's weight. An explicit link is a
+    claim about these two memories; a shared conversation is not (a chat session holds dozens
+    of unrelated facts), so its weight is divided by the seed's number of conversation mates."""
     reached: dict[str, tuple[float, str]] = {}
 
     def offer(seed: str, other: str, weight: float) -> None:
@@ -161,8 +176,9 @@ def _expand(
         for seed, other in ((link.src_id, link.dst_id), (link.dst_id, link.src_id)):
             if seed in wanted:
                 offer(seed, other, LINK_KINDS[link.kind] * link.weight)
-    for seed, other in store.conversation_neighbours(user_id, seeds, limit=20 * len(seeds)):
-        offer(seed, other, CONVERSATION_LINK)
+    mates = store.conversation_neighbours(user_id, seeds, limit=20 * len(seeds))
+    for seed, other, siblings in mates:
+        offer(seed, other, CONVERSATION_LINK / siblings)
     return reached
 
 
@@ -182,5 +198,12 @@ def _parts(
         "tier": TIER_VALUE[entry.tier],
         "link": link,
     }
-    total = sum(getattr(weights, name) * value for name, value in parts.items())
-    return ScoreParts(total=round(total, 6), via=via, **{n: round(v, 6) for n, v in parts.items()})
+    return ScoreParts(total=round(total(parts, weights), 6), via=via,
+                      **{n: round(v, 6) for n, v in parts.items()})
+
+
+def total(parts: dict[str, float], weights: RetrievalWeights) -> float:
+    """match x prior (see the module docstring)."""
+    match = sum(getattr(weights, name) * parts[name] for name in MATCH_PARTS)
+    prior = 1.0 - sum(getattr(weights, name) * (1.0 - parts[name]) for name in PRIOR_PARTS)
+    return match * prior

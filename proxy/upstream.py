@@ -131,13 +131,20 @@ _RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, ht
 
 
 async def send_retrying(client: httpx.AsyncClient, request: httpx.Request, retries: int) -> httpx.Response:
-    """``client.send(request, stream=True)``, again up to `retries` times if no response came."""
-    async for attempt in AsyncRetrying(stop=stop_after_attempt(1 + retries), reraise=True,
+    """``client.send(request, stream=True)``, again up to `retries` times if no response came.
+
+    The first attempt is a plain call: tenacity's retry state costs ~10% of the event loop's
+    time per request at c=64 (profiled), and the first attempt almost always succeeds."""
+    try:
+        return await client.send(request, stream=True)
+    except _RETRYABLE:
+        if retries < 1:
+            raise
+    async for attempt in AsyncRetrying(stop=stop_after_attempt(retries), reraise=True,
                                        wait=wait_exponential(multiplier=0.05, max=1.0),
                                        retry=retry_if_exception_type(_RETRYABLE)):
         with attempt:
-            if attempt.retry_state.attempt_number > 1:
-                log.info("upstream_retry", attempt=attempt.retry_state.attempt_number)
+            log.info("upstream_retry", attempt=attempt.retry_state.attempt_number + 1)
             response = await client.send(request, stream=True)
     return response
 

@@ -20,7 +20,7 @@ Four rankers retrieve the top 20 from the same store for each question:
 - `vector`: `store.vector_neighbours` (cosine, history included);
 - `rrf`: reciprocal-rank fusion of the top 50 of both, score sum 1 / (60 + rank);
 - `memlane`: `store.search(user, vector, k=20, query=question, touch=False)`: hybrid candidates,
-  current memories only, links, the weighted score parts (`RetrievalWeights`). `touch=False`
+  current memories only, links, match x prior of the score parts (`RetrievalWeights`). `touch=False`
   keeps access counts from changing between questions, so every ranker sees the same store.
 Diagnostic rows (not baselines the issue names): `rrf_current`, RRF with superseded memories
 dropped, and `memlane_noweights`, memlane's candidates ranked by vector + text alone.
@@ -30,8 +30,9 @@ Evidence recall@k of a question is the share of its evidence turns covered by th
 tables average it over questions, overall and per question kind.
 
 `--tune` searches `RetrievalWeights` on the development seed by re-scoring each question's
-candidates (their score parts from one wide search) under each weight setting; report figures
-come from `--seed` (held out, 2 by default), never the dev seed (1).
+candidates (their score parts from one wide search, through the same match x prior as
+`memory.retrieve.total`) under each weight setting; report figures come from `--seed` (held
+out, 2 by default; 3 is a second held-out check), never the dev seed (1).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from memory import (
     MiniLMEmbedder,
     RetrievalWeights,
 )
+from memory.retrieve import MATCH_PARTS
 from tests.benchmarks import plots
 from tests.benchmarks.dialogue_gen import QUESTION_KINDS, User, generate
 from tests.benchmarks.progress import track
@@ -128,7 +130,7 @@ class QuestionResult:
     slot: str
     evidence: list[str]
     found: dict[str, list[list[str]]]  # method -> per rank, the turn refs of that memory
-    candidates: list[dict]  # memlane's candidates: id, refs, parts (for re-weighting)
+    candidates: list[dict]  # memlane's candidates: refs, parts, raw BM25 (for re-scoring)
 
 
 def replay_user(user: User, facts: dict[str, list], vectors: dict[str, np.ndarray],
@@ -164,7 +166,8 @@ def evaluate(store: MemoryStore, user_id: str, question, vectors) -> QuestionRes
     query, vector = question.text, vectors[question.text]
     weights = store.weights
     depth = max(FUSION_DEPTH, POOL, weights.candidates)
-    bm25 = [i for i, _ in store.text_matches(user_id, query, depth)]
+    bm25_scores = dict(store.text_matches(user_id, query, depth))
+    bm25 = list(bm25_scores)
     near = [i for i, _ in store.vector_neighbours(user_id, vector, depth)]
     rrf = _rrf([bm25[:FUSION_DEPTH], near[:FUSION_DEPTH]])
     ranked = store.search(user_id, vector, k=TOP, query=query, touch=False)
@@ -186,8 +189,8 @@ def evaluate(store: MemoryStore, user_id: str, question, vectors) -> QuestionRes
         "memlane_noweights": [e.id for e in noweights],
     }
     found = {m: [refs.get(i, []) for i in ids_[:TOP]] for m, ids_ in lists.items()}
-    candidates = [{"refs": refs.get(e.id, []), "parts": [getattr(e.score, p) for p in PARTS]}
-                  for e in wide]
+    candidates = [{"refs": refs.get(e.id, []), "parts": [getattr(e.score, p) for p in PARTS],
+                   "bm25": bm25_scores.get(e.id, 0.0)} for e in wide]
     return QuestionResult(user_id, question.turn_id, question.kind, question.slot,
                           list(question.evidence), found, candidates)
 
@@ -248,7 +251,7 @@ def reweighted_recall(results: list[QuestionResult], w: np.ndarray) -> dict[int,
                 totals[k].append(0.0)
             continue
         parts = np.array([c["parts"] for c in r.candidates])  # (C, len(PARTS))
-        order = np.argsort(-(parts @ w), kind="stable")
+        order = np.argsort(-score_totals(parts, w), kind="stable")
         ranked = [r.candidates[i]["refs"] for i in order]
         for k in KS:
             totals[k].append(recall(r.evidence, ranked, k))
@@ -259,28 +262,44 @@ def weight_vector(weights: RetrievalWeights) -> np.ndarray:
     return np.array([getattr(weights, p) for p in PARTS])
 
 
+MATCH = np.array([p in MATCH_PARTS for p in PARTS])
+
+
+def score_totals(parts: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """`memory.retrieve.total` over rows of parts: match x prior."""
+    match = parts[:, MATCH] @ w[MATCH]
+    prior = 1.0 - (1.0 - parts[:, ~MATCH]) @ w[~MATCH]
+    return match * prior
+
+
 def contributions(results: list[QuestionResult], weights: RetrievalWeights) -> dict:
-    """Mean weighted part of evidence candidates and of the others (what moves the ranking)."""
+    """What moves the ranking, for evidence candidates and for the others: the mean weighted
+    match parts (w x part) and the mean share of the match each prior signal takes away
+    (w x (1 - signal))."""
     w = weight_vector(weights)
     evid, other = [], []
     for r in results:
         for c in r.candidates:
-            (evid if set(c["refs"]) & set(r.evidence) else other).append(np.array(c["parts"]) * w)
+            parts = np.array(c["parts"])
+            moved = np.where(MATCH, parts * w, (1.0 - parts) * w)
+            (evid if set(c["refs"]) & set(r.evidence) else other).append(moved)
     return {
         "evidence": dict(zip(PARTS, np.mean(evid, axis=0).round(4).tolist())) if evid else {},
         "other": dict(zip(PARTS, np.mean(other, axis=0).round(4).tolist())) if other else {},
     }
 
 
-def tune(results: list[QuestionResult], base: RetrievalWeights) -> list[tuple[float, dict]]:
+def tune(results: list[QuestionResult], base: RetrievalWeights) -> list[tuple[float, float, dict]]:
     """Grid over the weights that vary between memories (vector stays at its default: only
-    ratios matter), ranked by the smallest margin over the best baseline at any k."""
+    the match's ratios matter; frequency is 0 for every memory here, `touch=False`), ranked by
+    the smallest margin over the best baseline at any k, then by the mean margin."""
     grid = {
-        "text": (0.05, 0.1, 0.25),
-        "recency": (0.0, 0.04, 0.08, 0.12),
-        "confidence": (0.0, 0.05),
-        "tier": (0.0, 0.04),
-        "link": (0.0, 0.02, 0.05, 0.1, 0.25),
+        "text": (0.15, 0.25, 0.35),
+        "link": (0.1, 0.25),
+        "recency": (0.0, 0.05, 0.1, 0.2),
+        "importance": (0.0, 0.05),
+        "confidence": (0.0, 0.05, 0.1),
+        "tier": (0.0, 0.05, 0.1),
     }
     baselines = table(results, ("bm25", "vector", "rrf"))
     best = {k: max(rows["all"][f"r@{k}"] for rows in baselines.values()) for k in KS}
@@ -288,10 +307,10 @@ def tune(results: list[QuestionResult], base: RetrievalWeights) -> list[tuple[fl
     for values in itertools.product(*grid.values()):
         trial = replace(base, **dict(zip(grid, values, strict=True)))
         r = reweighted_recall(results, weight_vector(trial))
-        margin = min(r[k] - best[k] for k in KS)
+        margins = [r[k] - best[k] for k in KS]
         setting = dict(zip(grid, values, strict=True)) | {f"r@{k}": round(v, 4) for k, v in r.items()}
-        scored.append((margin, setting))
-    scored.sort(key=lambda s: -s[0])
+        scored.append((round(min(margins), 4), float(np.mean(margins)), setting))
+    scored.sort(key=lambda s: (-s[0], -s[1]))
     return scored
 
 
@@ -338,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run(DEV_SEED, args, weights)
         print_table(table(results, METHODS + DIAGNOSTICS), f"dev seed {DEV_SEED}, current weights")
         print("\npart contributions (weighted means):", json.dumps(contributions(results, weights)))
-        print("\nworst-k margin over the best baseline, setting, recall:")
-        for margin, setting in tune(results, weights)[:15]:
-            print(f"{margin:+.4f} {setting}")
+        print("\nworst-k margin over the best baseline (mean margin), setting, recall:")
+        for margin, mean, setting in tune(results, weights)[:15]:
+            print(f"{margin:+.4f} (mean {mean:+.4f}) {setting}")
         return 0
     results = run(args.seed, args, weights)
     summary = table(results, METHODS + DIAGNOSTICS)

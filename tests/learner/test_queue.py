@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from learner import ExtractionError, RulesExtractor, apply_facts, run_job
+from learner import ExtractionError, RulesExtractor, apply_facts, run_job, run_jobs
 from memory import HashEmbedder, InteractionRecord, MemoryStore, NewJob, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,3 +202,23 @@ def test_a_job_that_teaches_nothing_keeps_the_users_searches_warm(store):
     (job,) = store.lease_jobs("w", limit=1, lease_for=timedelta(minutes=1))
     assert run_job(store, HashEmbedder(), RulesExtractor(), job, "w", RetryPolicy()).state == "done"
     assert "ada" not in store._vector_cache  # a new memory: the next search reloads
+
+
+def test_a_batch_marks_its_fact_free_jobs_done_in_one_transaction(store):
+    enqueue(store, ["How do tides work?", "I keep bees.", "What is TCP?", "My cat is called Mochi.",
+                    "Tell me a joke."])
+    jobs = store.lease_jobs("w", limit=10, lease_for=timedelta(minutes=1))
+    # another worker took one of the question jobs meanwhile: it is not ours to finish
+    store._writable_cursor().execute("UPDATE learner_jobs SET lease_owner = 'other' WHERE id = 'req_0004'")
+    batches = []
+    complete = store.complete_jobs
+    store.complete_jobs = lambda ids, owner, result: batches.append(list(ids)) or complete(ids, owner, result)
+    outcomes = {job.id: o.state for job, o in run_jobs(store, HashEmbedder(), RulesExtractor(), jobs, "w",
+                                                         RetryPolicy())}
+    assert batches == [["req_0000", "req_0002", "req_0004"]]
+    assert outcomes == {"req_0000": "done", "req_0001": "done", "req_0002": "done", "req_0003": "done",
+                        "req_0004": "lost"}
+    assert store.job_counts()["done"] == 4
+    assert sorted(m.content for m in store.list("ada")) == ["The user keeps bees.", "The user's cat is called Mochi."]
+    (pending,) = store._cursor().execute("SELECT pending FROM learner_users WHERE user_id = 'ada'").fetchone()
+    assert pending == 4  # every finished job counts toward the every-10-interactions trigger

@@ -47,10 +47,11 @@ def test_every_result_explains_its_score(store):
     assert parts.vector > 0 and parts.text > 0 and parts.recency == pytest.approx(1.0)
     assert parts.tier == pytest.approx(0.4)  # short-term
     w = store.weights
-    assert parts.total == pytest.approx(
-        w.vector * parts.vector + w.text * parts.text + w.recency * parts.recency
-        + w.importance * parts.importance + w.confidence * parts.confidence
-        + w.frequency * parts.frequency + w.tier * parts.tier + w.link * parts.link, abs=1e-5)
+    match = w.vector * parts.vector + w.text * parts.text + w.link * parts.link
+    prior = 1 - (w.recency * (1 - parts.recency) + w.importance * (1 - parts.importance)
+                 + w.confidence * (1 - parts.confidence) + w.frequency * (1 - parts.frequency)
+                 + w.tier * (1 - parts.tier))
+    assert parts.total == pytest.approx(match * prior, abs=1e-5)
 
 
 def test_the_text_leg_finds_a_rare_word_the_vectors_miss(store):
@@ -89,6 +90,29 @@ def test_links_pull_in_supporting_and_same_conversation_memories(store):
     assert results[support.id].score.link > results[sibling.id].score.link  # supports > conversation
     without = store.search("ada", q, k=5, min_score=0.25, expand_links=False)
     assert [m.id for m in without] == [seed.id]
+
+
+def test_a_long_conversation_lends_each_of_its_memories_less(store):
+    """Sharing a chat session with a strong hit says little when the session held many facts:
+    the conversation's link weight is shared among the seed's conversation mates."""
+    q = unit(RNG.standard_normal(384))
+    small_seed = add(store, "The user trains for a marathon.", vector=q, conversation="short")
+    small_mate = add(store, "The user's coach is called Mo.", vector=unit(RNG.standard_normal(384)),
+                     conversation="short")
+    noise = RNG.standard_normal(384)
+    noise -= (noise @ q) * q
+    near_q = unit(q + 0.5 * unit(noise))  # cosine 0.89 to q: not a duplicate of small_seed
+    big_seed = add(store, "The user runs every morning.", vector=near_q, conversation="long")
+    big_mates = [add(store, f"The user mentioned errand {i}.", vector=unit(RNG.standard_normal(384)),
+                     conversation="long") for i in range(9)]
+
+    results = {m.id: m for m in store.search("ada", q, k=20)}
+
+    assert results[small_mate.id].score.via == small_seed.id
+    lent = [results[m.id].score.link for m in big_mates if results[m.id].score.via == big_seed.id]
+    per_relevance = results[small_mate.id].score.link  # small_seed's relevance is 1
+    expected = results[big_seed.id].score.vector * per_relevance / 9  # nine mates share it
+    assert len(lent) == 9 and all(link == pytest.approx(expected, abs=1e-5) for link in lent)
 
 
 def test_tiers_and_domains_filter(store):

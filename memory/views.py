@@ -1,0 +1,177 @@
+"""RAM views of small users' memories: what one retrieval reads, without a query per step.
+
+A retrieval reads its candidates' rows (`get_many`), the links of its best seeds
+(`links_from`) and the memories learned in the same conversations (`conversation_neighbours`):
+three DuckDB round trips of 1-3 ms each at 10k memories, on every chat request. For a user
+with at most `VIEW_MAX_ROWS` memories the store keeps those three tables in RAM instead, as
+one immutable `UserView` per user, and answers the same calls from dicts.
+
+Freshness: a view is built in the background (the request that finds none is answered by
+DuckDB, as before) and dropped by every write to the user's memories, links or sources. A
+build that overlaps a write is discarded (`ViewCache.install` compares generations), so a view
+never shows less than the database did when it was installed. Access statistics, written in
+batches (`memory.access`), are patched into the view rather than dropping it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import duckdb
+
+from memory.entry import MemoryEntry
+from memory.rows import ENTRY_COLUMNS, Link, entry_from_row
+
+__all__ = ["VIEW_CACHE_MAX_ROWS", "VIEW_MAX_ROWS", "UserView", "ViewCache", "load_view"]
+
+VIEW_MAX_ROWS = 16_384  # users up to this many memories (history included) get a view
+VIEW_CACHE_MAX_ROWS = 65_536  # memories held in all views together (about 2.5 KB each)
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    """One user's memories (history included, without relations), links and conversations."""
+
+    entries: dict[str, MemoryEntry]
+    links: dict[str, tuple[Link, ...]]  # memory id -> links with it at either end
+    conversations: dict[str, tuple[str, ...]]  # memory id -> conversation ids it was learned in
+    members: dict[str, tuple[str, ...]]  # conversation id -> memory ids learned in it
+    signature: tuple[int, datetime | None]  # (current memories, their latest update)
+
+    def get_many(self, memory_ids: Sequence[str]) -> list[MemoryEntry]:
+        return [self.entries[i] for i in dict.fromkeys(memory_ids) if i in self.entries]
+
+    def links_from(self, memory_ids: Sequence[str]) -> list[Link]:
+        seen: dict[tuple[str, str, str], Link] = {}
+        for memory_id in memory_ids:
+            for link in self.links.get(memory_id, ()):
+                seen.setdefault((link.src_id, link.dst_id, link.kind), link)
+        return list(seen.values())
+
+    def conversation_neighbours(self, memory_ids: Sequence[str], limit: int) -> list[tuple[str, str, int]]:
+        """(seed, neighbour, the seed's neighbour count), as `MemoryStore.conversation_neighbours`:
+        current memories learned in a conversation of the seed, counted before `limit` cuts."""
+        found: dict[str, dict[str, None]] = {}
+        for seed in dict.fromkeys(memory_ids):
+            others: dict[str, None] = {}
+            for conversation in self.conversations.get(seed, ()):
+                for other in self.members.get(conversation, ()):
+                    entry = self.entries.get(other)
+                    if other != seed and entry is not None and entry.valid_to is None:
+                        others[other] = None
+            if others:
+                found[seed] = others
+        pairs = [(seed, other, len(others)) for seed, others in found.items() for other in others]
+        return pairs[:limit]
+
+    def with_access(self, counts: dict[str, int], at: datetime) -> UserView:
+        """This view with `counts` more retrievals of some memories, the last one `at`."""
+        entries = dict(self.entries)
+        for memory_id, n in counts.items():
+            entry = entries.get(memory_id)
+            if entry is not None:
+                last = at if entry.last_accessed is None else max(entry.last_accessed, at)
+                entries[memory_id] = replace(entry, access_count=entry.access_count + n, last_accessed=last)
+        return replace(self, entries=entries)
+
+
+def load_view(cursor: duckdb.DuckDBPyConnection, user_id: str) -> UserView:
+    """Read one user's memories, links and conversation sources (three queries)."""
+    rows = cursor.execute(f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ?", [user_id]).fetchall()
+    entries = {row[0]: entry_from_row(row) for row in rows}
+    links: dict[str, list[Link]] = {}
+    for src, dst, kind, weight in cursor.execute(
+        "SELECT src_id, dst_id, kind, weight FROM memory_links WHERE user_id = ?", [user_id]
+    ).fetchall():
+        link = Link(src, dst, kind, weight)
+        links.setdefault(src, []).append(link)
+        if dst != src:
+            links.setdefault(dst, []).append(link)
+    conversations: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
+    for memory_id, conversation in cursor.execute(
+        "SELECT DISTINCT memory_id, conversation_id FROM memory_sources "
+        "WHERE user_id = ? AND conversation_id IS NOT NULL ORDER BY memory_id, conversation_id",
+        [user_id],
+    ).fetchall():
+        conversations.setdefault(memory_id, []).append(conversation)
+        members.setdefault(conversation, []).append(memory_id)
+    current = [e.updated_at for e in entries.values() if e.valid_to is None]
+    return UserView(
+        entries,
+        {k: tuple(v) for k, v in links.items()},
+        {k: tuple(v) for k, v in conversations.items()},
+        {k: tuple(v) for k, v in members.items()},
+        (len(current), max(current, default=None)),
+    )
+
+
+class ViewCache:
+    """The views of recently searched small users, least recently used dropped first.
+
+    `generation(user)` is read before a build and passed to `install`, which refuses the view
+    if the user's memories changed in between (`invalidate` bumps the generation)."""
+
+    def __init__(self, max_rows: int = VIEW_CACHE_MAX_ROWS) -> None:
+        self.max_rows = max_rows
+        self._views: OrderedDict[str, UserView] = OrderedDict()
+        self._generations: dict[str, int] = {}
+        self._building: set[str] = set()
+        self._epoch = 0  # bumped by invalidate(None): every generation read before is stale
+        self._lock = threading.Lock()
+
+    def get(self, user_id: str) -> UserView | None:
+        with self._lock:
+            view = self._views.get(user_id)
+            if view is not None:
+                self._views.move_to_end(user_id)
+            return view
+
+    def generation(self, user_id: str) -> tuple[int, int]:
+        with self._lock:
+            return self._epoch, self._generations.get(user_id, 0)
+
+    def claim(self, user_id: str) -> bool:
+        """True if nobody is building this user's view (the caller now is)."""
+        with self._lock:
+            if user_id in self._building or user_id in self._views:
+                return False
+            self._building.add(user_id)
+            return True
+
+    def install(self, user_id: str, view: UserView, generation: tuple[int, int]) -> bool:
+        with self._lock:
+            self._building.discard(user_id)
+            if generation != (self._epoch, self._generations.get(user_id, 0)):
+                return False
+            self._views[user_id] = view
+            self._views.move_to_end(user_id)
+            while sum(len(v.entries) for v in self._views.values()) > self.max_rows and len(self._views) > 1:
+                self._views.popitem(last=False)
+            return True
+
+    def abandon(self, user_id: str) -> None:
+        with self._lock:
+            self._building.discard(user_id)
+
+    def invalidate(self, user_id: str | None) -> None:
+        """Drop a user's view (None: everyone's) after a write to their memories."""
+        with self._lock:
+            if user_id is None:
+                self._epoch += 1
+                self._views.clear()
+            else:
+                self._generations[user_id] = self._generations.get(user_id, 0) + 1
+                self._views.pop(user_id, None)
+
+    def patch_access(self, counts: Iterable[tuple[str, dict[str, int]]], at: datetime) -> None:
+        """Apply retrievals just written to the database to the views that hold them."""
+        with self._lock:
+            for user_id, per_memory in counts:
+                view = self._views.get(user_id)
+                if view is not None:
+                    self._views[user_id] = view.with_access(per_memory, at)

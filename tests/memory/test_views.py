@@ -1,0 +1,139 @@
+"""RAM views of small users and batched access statistics: the same answers as DuckDB, never stale."""
+
+import threading
+import time
+
+from memory import HashEmbedder, Link, MemorySource, MemoryStore
+from memory.remember import remember
+
+from .conftest import StepClock
+
+FACTS = [
+    "The user lives in Paris.", "The user's dog is called Biscuit.", "The user prefers tabs.",
+    "The user is allergic to peanuts.", "The user plays the cello.", "The user drinks green tea.",
+    "The user works at a bakery.", "The user's sister is called Ines.", "The user runs on Sundays.",
+]
+QUERIES = ["where do I live", "my dog", "tabs or spaces", "what am I allergic to", "music", "tea"]
+
+
+def fill(store: MemoryStore, user: str = "ada") -> list[str]:
+    ids = []
+    for i, fact in enumerate(FACTS):
+        source = MemorySource("interaction", f"turn-{i}", "rules", f"conv-{i % 3}")
+        ids.append(remember(store, user, fact, source=source).entry.id)
+    store.add_links(user, [Link(ids[0], ids[6], "related"), Link(ids[1], ids[7], "supports")])
+    store.refresh_text_index()
+    return ids
+
+
+def with_view(store: MemoryStore, user: str = "ada"):
+    """Ask once (which starts the build), wait for the background thread, return the view."""
+    store.user_signature(user)
+    store.flush()
+    view = store._views.get(user)
+    assert view is not None
+    return view
+
+
+def ranked(store: MemoryStore, user: str = "ada") -> list[list[tuple[str, float]]]:
+    return [[(m.id, m.score.total) for m in store.search_text(user, q, k=5, touch=False)] for q in QUERIES]
+
+
+def from_duckdb(store: MemoryStore, call, user: str = "ada"):
+    """`call(store)` answered by DuckDB: the user's view dropped first (a build starts after)."""
+    store.flush()
+    store._views.invalidate(user)
+    return call(store)
+
+
+def test_a_view_answers_what_duckdb_answers(store):
+    ids = fill(store)
+    view = with_view(store)
+    assert sorted(view.entries) == sorted(ids)
+    in_ram = ranked(store)
+    store._views.claim = lambda user_id: False  # type: ignore[method-assign]
+    assert from_duckdb(store, ranked) == in_ram
+    del store._views.claim
+    for call in (
+        lambda s: sorted(s.links_from("ada", ids), key=repr),
+        lambda s: sorted(s.conversation_neighbours("ada", ids[:3], limit=100)),
+        lambda s: s.user_signature("ada"),
+        lambda s: s.get_many("ada", ids[::-1], relations=False),
+    ):
+        with_view(store)
+        in_ram = call(store)
+        assert in_ram == from_duckdb(store, call)
+
+
+def test_every_kind_of_write_drops_the_view(store):
+    ids = fill(store)
+    with_view(store)
+    store.update_entry("ada", ids[2], importance=0.99)
+    assert store._views.get("ada") is None
+    assert with_view(store).entries[ids[2]].importance == 0.99
+    store.add_links("ada", [Link(ids[3], ids[4], "related")])
+    assert any(link.dst_id == ids[4] for link in with_view(store).links[ids[3]])
+    store.add_source("ada", ids[5], MemorySource("interaction", "turn-x", "rules", "conv-new", store.clock.now()))
+    assert with_view(store).conversations[ids[5]][-1] == "conv-new"
+    store.forget("ada", ids[0])
+    assert ids[0] not in with_view(store).entries
+    assert ids[0] not in [m.id for m in store.search_text("ada", "where do I live", k=9, touch=False)]
+
+
+def test_a_view_built_during_a_transaction_is_dropped_at_its_commit(store):
+    ids = fill(store)
+    with_view(store)
+    with store.transaction():
+        store.update_entry("ada", ids[1], importance=0.42)
+        reader = threading.Thread(target=store.user_signature, args=("ada",))  # another thread reads:
+        reader.start()                                                          # a view is built from
+        reader.join()                                                           # the committed rows
+        store.flush()
+        assert store._views.get("ada").entries[ids[1]].importance != 0.42
+        assert store.get_many("ada", [ids[1]], relations=False)[0].importance == 0.42  # own write
+    assert store._views.get("ada") is None
+    assert with_view(store).entries[ids[1]].importance == 0.42
+
+
+def test_another_users_memories_are_never_in_a_view(store):
+    fill(store, "ada")
+    bob = fill(store, "bob")
+    view = with_view(store, "ada")
+    assert not set(bob) & set(view.entries)
+    assert store.get_many("ada", bob, relations=False) == []
+    assert store.links_from("ada", bob) == []
+
+
+def test_retrievals_are_counted_in_batches_and_reach_the_view(store):
+    ids = fill(store)
+    with_view(store)
+    writes = []
+    original = store._access._write
+    store._access._write = lambda batch, at: (writes.append(batch), original(batch, at))
+    for _ in range(4):
+        store.record_access("ada", [ids[0], ids[1]])
+    store.record_access("ada", [ids[0]])
+    store.flush()
+    assert len(writes) == 1  # five retrievals, one write
+    assert store.get("ada", ids[0]).access_count == 5
+    assert store._views.get("ada").entries[ids[0]].access_count == 5
+    assert store._views.get("ada").entries[ids[1]].access_count == 4
+    retrieval = {d.domain: d.retrieval for d in store.domain_activations("ada")}
+    assert sum(retrieval.values()) > 0
+
+
+def test_pending_retrievals_are_written_by_close(db_path):
+    with MemoryStore.open(db_path, embedder=HashEmbedder(), clock=StepClock()) as store:
+        entry = remember(store, "ada", "The user likes opera.", source=MemorySource("api")).entry
+        store.record_access("ada", [entry.id])
+    with MemoryStore.open(db_path, embedder=HashEmbedder(), clock=StepClock()) as reopened:
+        assert reopened.get("ada", entry.id).access_count == 1
+
+
+def test_pending_retrievals_are_written_without_a_flush(store):
+    entry = remember(store, "ada", "The user likes opera.", source=MemorySource("api")).entry
+    store.record_access("ada", [entry.id])
+    deadline = time.monotonic() + 10
+    while store.get("ada", entry.id).access_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get("ada", entry.id).access_count == 1
