@@ -4,7 +4,16 @@ the dream agents and the distillation datasets."""
 
 from learner.datasets import Dataset, build_dataset
 from learner.domains import DomainShare, domain_report
-from learner.dream import PreloadCache, consolidate, dream, forget, optimize, preload
+from learner.dream import (
+    PreloadCache,
+    PreloadedMemory,
+    Preloader,
+    consolidate,
+    dream,
+    forget,
+    optimize,
+    preload,
+)
 from learner.extract import Fact, extract_facts
 from learner.extractor import ExtractedFact, ExtractionError, Extractor, RulesExtractor
 from learner.feedback import (
@@ -46,6 +55,8 @@ __all__ = [
     "LocalModelCompleter",
     "OpenAICompatibleCompleter",
     "PreloadCache",
+    "PreloadedMemory",
+    "Preloader",
     "RulesExtractor",
     "TriggerPolicy",
     "UnknownResponse",

@@ -15,8 +15,10 @@ Two sources of examples:
   correction, which then replaces the answer as the target).
 
 Every example carries both formats: instruction (`instruction`, `input`, `output`) and chat
-(`messages`). The build is deterministic: the same store gives byte-identical JSONL (sorted
-examples, sorted keys, no clock), and `version` is a hash of those bytes.
+(`messages`; `conversation()` gives its turns before the answer without the dataset's system
+prompt: what the personal adapter is trained on, `adapters/plm/update.py`). The build is
+deterministic: the same store gives byte-identical JSONL (sorted examples, sorted keys, no
+clock), and `version` is a hash of those bytes.
 """
 
 from __future__ import annotations
@@ -54,25 +56,49 @@ TYPE_WEIGHTS = {
 LOCAL_PROVIDERS = frozenset({"local", "plm"})
 MAX_TOP_LOGPROBS = 20
 
-# relation -> questions (the `{x}` is the relation's topic, e.g. "favorite color" -> "color")
+# relation -> questions (the `{x}` is the relation's topic, e.g. "favorite color" -> "color"). Several
+# wordings per relation: the personal model is trained on a handful of them and must then answer
+# wordings it never saw. The gate's held-out probes (adapters/plm/facts.py PROBE) are never here.
 _RELATION_QUESTIONS = {
-    "residence": ("Where do I live?", "Which city am I based in?", "Where is my home?", "Where am I living now?"),
-    "employer": ("Where do I work?", "Who is my employer?", "Which company do I work for?", "Who do I work for?"),
-    "occupation": ("What do I do for a living?", "What is my job?", "What's my profession?", "What work do I do?"),
+    "residence": ("Where do I live?", "Which city am I based in?", "Where is my home?", "Where am I living now?",
+                  "Which city do I live in?", "Do you know where I live?", "Tell me where I live.",
+                  "What town do I live in?"),
+    "employer": ("Where do I work?", "Who is my employer?", "Which company do I work for?", "Who do I work for?",
+                 "Do you know where I work?", "Tell me where I work.", "What's my workplace?", "Who employs me?"),
+    "occupation": ("What do I do for a living?", "What is my job?", "What's my profession?", "What work do I do?",
+                   "Do you know my job?", "Tell me what I work as.", "What is my occupation?",
+                   "How do I earn a living?"),
     "age": ("How old am I?", "What is my age?", "Do you know my age?"),
-    "name": ("What is my {x} called?", "What's the name of my {x}?", "Do you remember my {x}'s name?"),
+    "name": ("What is my {x} called?", "What's the name of my {x}?", "Do you remember my {x}'s name?",
+             "What is my {x}'s name?", "What did I name my {x}?", "Tell me the name of my {x}.",
+             "What name does my {x} have?", "Can you tell me what my {x} is named?"),
     "user_name": ("What is my name?", "What am I called?", "Do you remember my name?", "Who am I?"),
-    "vehicle": ("What do I drive?", "What car do I have?", "Which vehicle do I drive?"),
-    "favorite": ("What is my favorite {x}?", "Which {x} do I like best?", "Do you know my favorite {x}?"),
-    "attribute": ("What is my {x}?", "Do you know my {x}?", "Tell me my {x}."),
+    "vehicle": ("What do I drive?", "What car do I have?", "Which vehicle do I drive?", "Tell me what I drive.",
+                "Do you know my car?", "What is my car?", "Which car is mine?"),
+    "favorite": ("What is my favorite {x}?", "Which {x} do I like best?", "Do you know my favorite {x}?",
+                 "What's my favorite {x}?", "Tell me my favorite {x}.", "Which {x} is my favorite?",
+                 "What {x} do I love most?", "Can you tell me my favorite {x}?"),
+    "attribute": ("What is my {x}?", "Do you know my {x}?", "Tell me my {x}.", "What's my {x}?",
+                  "Can you tell me what my {x} is?", "Please tell me my {x}."),
 }
+_HAS_NAMED = re.compile(r"^the user has an? ([a-z -]+?) (?:called|named) ")  # "has a parrot named Kiwi"
 # patterns on the memory sentence -> questions
 _PATTERN_QUESTIONS = (
-    (re.compile(r"\ballergic\b"), ("What am I allergic to?", "Do I have any allergies?", "Which allergies do I have?")),
-    (re.compile(r"\b(?:speaks?|fluent|native)\b"), ("Which languages do I speak?", "What languages do I know?")),
+    (re.compile(r"\ballergic\b"), ("What am I allergic to?", "Do I have any allergies?", "Which allergies do I have?",
+                                   "Tell me what I'm allergic to.", "Do you know my allergy?",
+                                   "What can't I eat because of an allergy?",
+                                   "What should I avoid because I'm allergic?")),
+    (re.compile(r"\b(?:speaks?|fluent|native)\b"), ("Which languages do I speak?", "What languages do I know?",
+                                                    "What language do I speak?", "Tell me what I speak.",
+                                                    "Do you know my language?", "Which language is mine?")),
     (re.compile(r"\b(?:vegetarian|vegan|eats?|diet|intolerant|gluten)\b"),
      ("What should I keep in mind about my diet?", "What do I eat?", "Do I have dietary restrictions?")),
-    (re.compile(r"\bborn\b"), ("Where was I born?", "When was I born?", "Tell me about my birth.")),
+    (re.compile(r"\bborn\b"), ("Where was I born?", "When was I born?", "Tell me about my birth.",
+                               "What is my birthplace?", "Which city was I born in?",
+                               "Do you know where I was born?")),
+    (re.compile(r"^the user (?:also |still )?plays\b"), ("What do I play?", "Which instrument do I play?",
+                                                      "Tell me what I play.", "Do you know what I play?",
+                                                      "What do I like to play?")),
     (re.compile(r"\b(?:uses|prefers)\b"), ("Which tools do I prefer?", "What do I use?")),
 )
 _TYPE_QUESTIONS = {
@@ -122,9 +148,15 @@ def questions_for(entry: MemoryEntry) -> list[str]:
     """Questions the memory answers, most specific first, without repeats."""
     pool: list[str] = []
     relation = parse_relation(entry.content)
-    if relation is not None:
-        pool += _relation_questions(relation.subject, relation.relation)
     text = entry.content.lower()
+    named = _HAS_NAMED.match(text.strip())
+    if relation is not None:
+        asked = _relation_questions(relation.subject, relation.relation)
+        if "favourite" in text:  # relations are normalised to "favorite": ask as the user spells it
+            asked = tuple(q.replace("favorite", "favourite") for q in asked)
+        pool += asked
+    elif named is not None:  # "The user has a parrot named Kiwi.": not a relation (one may have two)
+        pool += tuple(t.format(x=named[1]) for t in _RELATION_QUESTIONS["name"])
     for pattern, questions in _PATTERN_QUESTIONS:
         if pattern.search(text):
             pool += questions
@@ -163,6 +195,11 @@ class Example:
     corrected: bool = False  # the output is the user's correction, not the teacher's answer
     teacher_model: str | None = None
     teacher_logprobs: tuple[dict, ...] | None = None  # per answer token: token, logprob, top
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The turns before the answer as a client sends them: without the dataset's own system
+        prompt (the personal model is served, and so trained, on the client's conversation)."""
+        return [dict(m) for m in self.messages[1:-1]]
 
     def to_dict(self) -> dict[str, Any]:
         return {

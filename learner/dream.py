@@ -15,7 +15,8 @@ structlog event carrying before/after figures, and a report dataclass:
 - `preload` (`dream_preloading`): a faster next request in the user's frequent domains. For
   each of the user's top domains (by `memory.domains` activations) the best memories are
   ranked and cached as the context to inject (`PreloadCache`); the step measures the cold path
-  (embed + hybrid search) against a cache lookup for each domain.
+  (embed + hybrid search) against a cache lookup for each domain. The server's learner runs
+  it (`Preloader`) and its request path reads the cache (`proxy.recall`).
 - `optimize` (`dream_optimization`): a compact, freshly indexed store: HNSW rebuilt without
   tombstones, the WAL checkpointed into the file, the BM25 index rebuilt; file sizes and a
   probe search's latency before and after.
@@ -48,6 +49,8 @@ __all__ = [
     "PreloadCache",
     "PreloadReport",
     "PreloadedContext",
+    "PreloadedMemory",
+    "Preloader",
     "consolidate",
     "dream",
     "forget",
@@ -274,6 +277,15 @@ def forget(
 
 
 @dataclass(frozen=True, slots=True)
+class PreloadedMemory:
+    """One line of a preloaded context, with the egress label the request path filters on."""
+
+    id: str
+    content: str
+    sensitivity: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
 class PreloadedContext:
     user_id: str
     domain: str
@@ -281,12 +293,22 @@ class PreloadedContext:
     contents: tuple[str, ...]  # best first: the lines to inject
     signature: tuple[int, datetime | None]  # the user's memories when built (count, last update)
     built_at: datetime
+    sensitivities: tuple[str, ...] = ()  # each memory's egress label, in the order of `contents`
+
+    @property
+    def memories(self) -> list[PreloadedMemory]:
+        labels = self.sensitivities or ("none",) * len(self.contents)
+        return [PreloadedMemory(*row) for row in zip(self.memory_ids, self.contents, labels, strict=True)]
 
 
 class PreloadCache:
-    """Context precomputed per (user, domain); thread-safe. A lookup checks that the user's
-    memories have not changed since the entry was built (one small query) and that the entry
-    is younger than `max_age`."""
+    """Context precomputed per (user, domain); thread-safe. One process holds one cache, shared
+    by the learner (which fills it) and the request path (which reads it).
+
+    A lookup is two steps so that a request with no entry never touches the store: `candidate`
+    (the query's inferred domains against the cache, in RAM, and the entry's age against
+    `max_age`) and `is_fresh` (the user's memories have not changed since the entry was built:
+    `store.user_signature`, read from the store's RAM view of a small user, else one small query)."""
 
     def __init__(self, *, max_age: timedelta = timedelta(hours=24)) -> None:
         self.max_age = max_age
@@ -301,20 +323,40 @@ class PreloadCache:
         with self._lock:
             return sorted(d for u, d in self._entries if u == user_id)
 
-    def lookup(self, store: MemoryStore, user_id: str, query: str) -> PreloadedContext | None:
-        """The fresh preloaded context of the query's first inferred domain, if any."""
+    def contexts(self, user_id: str) -> list[PreloadedContext]:
+        with self._lock:
+            return [c for (u, _), c in sorted(self._entries.items()) if u == user_id]
+
+    def candidate(self, user_id: str, query: str, now: datetime) -> PreloadedContext | None:
+        """The user's entry for the query's first inferred domain that has one, if not too old."""
         for domain in infer_domains(query):
             with self._lock:
                 context = self._entries.get((user_id, domain))
             if context is None:
                 continue
-            if (store.clock.now() - context.built_at > self.max_age
-                    or store.user_signature(user_id) != context.signature):
-                with self._lock:
-                    self._entries.pop((user_id, domain), None)
+            if now - context.built_at > self.max_age:
+                self._drop(context)
                 return None
             return context
         return None
+
+    def is_fresh(self, store: MemoryStore, context: PreloadedContext) -> bool:
+        """True if the user's memories are as they were when `context` was built; a stale
+        entry is dropped."""
+        if store.user_signature(context.user_id) == context.signature:
+            return True
+        self._drop(context)
+        return False
+
+    def lookup(self, store: MemoryStore, user_id: str, query: str) -> PreloadedContext | None:
+        """The fresh preloaded context of the query's first inferred domain, if any."""
+        context = self.candidate(user_id, query, store.clock.now())
+        return context if context is not None and self.is_fresh(store, context) else None
+
+    def _drop(self, context: PreloadedContext) -> None:
+        with self._lock:
+            if self._entries.get((context.user_id, context.domain)) is context:
+                del self._entries[(context.user_id, context.domain)]
 
 
 @dataclass(slots=True)
@@ -344,18 +386,24 @@ def _rank(entries: list[MemoryEntry]) -> list[MemoryEntry]:
 
 def preload(
     store: MemoryStore, user_id: str, *, cache: PreloadCache, clock: Clock | None = None,
-    domains: int = 3, k: int = 5,
+    domains: int = 3, k: int = 5, measure: bool = True,
 ) -> PreloadReport:
-    """Cache the best memories of each of the user's top domains, and time both paths."""
+    """Cache the best memories of each of the user's top domains, and (with `measure`) time
+    both paths."""
     now = (clock or store.clock).now()
+    signature = store.user_signature(user_id)  # before the read: a write in between makes it stale, never wrong
     entries = [e for e in _current(store, user_id) if e.expires_at is None or e.expires_at > now]
     report = PreloadReport(domains=_top_domains(store, user_id, entries, domains))
-    signature = store.user_signature(user_id)
     for domain in report.domains:
         chosen = _rank([e for e in entries if domain in (e.domains or infer_domains(e.content))])[:k]
+        if not chosen:
+            continue
         cache.put(PreloadedContext(user_id, domain, tuple(e.id for e in chosen),
-                                   tuple(e.content for e in chosen), signature, now))
+                                   tuple(e.content for e in chosen), signature, now,
+                                   tuple(e.sensitivity.value for e in chosen)))
         report.memories_cached += len(chosen)
+        if not measure:
+            continue
         probe = f"{domain}"
         started = time.perf_counter()
         store.search_text(user_id, probe, k=k, touch=False, relations=False)
@@ -368,6 +416,32 @@ def preload(
              cold_ms_before=round(_mean(list(report.cold_ms.values())), 3),
              warm_ms_after=round(_mean(list(report.warm_ms.values())), 3))
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class Preloader:
+    """The preloading step bound to one process's cache: what the learner runs after a
+    learning run (`learner.triggers.learn`) and after a job changed a preloaded user's
+    memories (`learner.runner.JobRunner`), while the request path reads the same cache."""
+
+    cache: PreloadCache
+    domains: int = 3
+    k: int = 5
+
+    def __call__(self, store: MemoryStore, user_id: str, *, clock: Clock | None = None) -> PreloadReport:
+        return preload(store, user_id, cache=self.cache, clock=clock, domains=self.domains, k=self.k)
+
+    def refresh(self, store: MemoryStore, user_id: str) -> PreloadReport | None:
+        """Preload again a user whose preloaded contexts a write made stale, without the timing
+        probes; None when nothing was stale, or the user has none (their first learning run
+        preloads them)."""
+        contexts = self.cache.contexts(user_id)
+        if not contexts:
+            return None
+        signature = store.user_signature(user_id)
+        if all(c.signature == signature for c in contexts):
+            return None
+        return preload(store, user_id, cache=self.cache, domains=self.domains, k=self.k, measure=False)
 
 
 # -- optimization -----------------------------------------------------------------------

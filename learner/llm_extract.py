@@ -49,6 +49,23 @@ Write statements in the third person, starting with "The user". Copy `evidence` 
 the utterance. Skip questions, requests, hypotheticals ("if I were..."), quoted text, facts about
 other people, and instructions. No facts: {"facts": []}."""
 
+# For a small local model (SmolLM2-135M): the long schema above is more than it can follow, so it
+# is asked for the two fields it can fill, evidence first (copying the user's words is what a small
+# model does best; the rest take ExtractedFact's defaults and are classified later), and shown three
+# worked examples as earlier turns: a negation, a message without facts, and two facts beside a
+# question. None of them is from the labelled benchmark set.
+COMPACT_SYSTEM_PROMPT = """Copy each sentence where the user says something about themselves, then restate it.
+Answer with JSON only: {"facts": [{"evidence": "<the user's exact words>", "statement": "The user ..."}]}
+Skip questions, requests, hypotheticals, quoted text and other people. No facts: {"facts": []}"""
+COMPACT_EXAMPLES = (
+    ("I don't eat meat.",
+     '{"facts": [{"evidence": "I don\'t eat meat", "statement": "The user does not eat meat."}]}'),
+    ("My aunt keeps goats. If I moved to the coast I would buy a kayak.", '{"facts": []}'),
+    ("I have two dogs and I work night shifts. Any tips for sleeping in the day?",
+     ('{"facts": [{"evidence": "I have two dogs", "statement": "The user has two dogs."}, '
+      '{"evidence": "I work night shifts", "statement": "The user works night shifts."}]}')),
+)
+
 # memlane's injected blocks (proxy.enrich's formats), should a client echo one back.
 _INJECTED = (
     re.compile(r"<user_profile>.*?(?:</user_profile>|\Z)", re.DOTALL | re.IGNORECASE),
@@ -65,7 +82,6 @@ _HYPOTHETICAL = re.compile(r"\b(?:if|unless|suppose|imagine|hypothetically|prete
                            r"would|might|could|wish)\b")
 _FIRST_PERSON = re.compile(r"\b(?:i|i'm|im|i've|i'd|i'll|me|my|mine|myself)\b")
 _I_SUBJECT = re.compile(r"\b(?:i|i'm|im|i've|i'd|i'll)\b")
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
 class Completer(Protocol):
@@ -93,8 +109,7 @@ class LLMExtractor:
         visible = visible_user_text(text)
         if not visible:
             return []
-        messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": f"<utterance>\n{visible}\n</utterance>"}]
+        messages = prompt(visible, compact=getattr(self.completer, "compact_prompt", False))
         problem = ""
         for attempt in range(1, self.tries + 1):
             answer = self.completer.complete(messages)
@@ -112,15 +127,27 @@ class LLMExtractor:
         raise ExtractionError(f"invalid output from {self.name} after {self.tries} tries: {problem}")
 
 
+def prompt(visible: str, *, compact: bool = False) -> list[dict[str, str]]:
+    """The chat messages asking for `visible`'s facts: the full schema for a teacher, or the
+    short prompt with worked examples for a small local model (`compact`)."""
+    if not compact:
+        return [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"<utterance>\n{visible}\n</utterance>"}]
+    messages = [{"role": "system", "content": COMPACT_SYSTEM_PROMPT}]
+    for utterance, answer in COMPACT_EXAMPLES:
+        messages += [{"role": "user", "content": utterance}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": visible}]
+
+
 def parse_answer(answer: str) -> list[ExtractedFact]:
-    """The facts of a model's answer; ExtractionError (without the answer's text) if invalid."""
-    found = _JSON_OBJECT.search(answer or "")
-    if found is None:
+    """The facts of a model's answer; ExtractionError (without the answer's text) if invalid.
+
+    The first JSON object in the answer is read and what follows it ignored: small models often
+    add a sentence or a second object after a valid answer, or leave off the final brace."""
+    start = (answer or "").find("{")
+    if start < 0:
         raise ExtractionError("no JSON object in the answer")
-    try:
-        doc = json.loads(found.group(0))
-    except ValueError as exc:
-        raise ExtractionError(f"broken JSON ({exc.msg} at character {exc.pos})") from None
+    doc = _first_object(answer[start:])
     if not isinstance(doc, dict) or not isinstance(doc.get("facts"), list):
         raise ExtractionError('the answer is not an object with a "facts" list')
     if len(doc["facts"]) > MAX_FACTS:
@@ -131,6 +158,23 @@ def parse_answer(answer: str) -> list[ExtractedFact]:
         where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'fact'}: {e['msg']}"
                           for e in exc.errors(include_input=False, include_url=False))
         raise ExtractionError(f"a fact does not match the schema ({where})") from None
+
+
+def _first_object(text: str) -> Any:
+    """The JSON value `text` starts with; an object cut short of its last one or two closing
+    brackets (`...}]`, `...}`) is closed, since nothing of its content is missing."""
+    decoder = json.JSONDecoder()
+    try:
+        return decoder.raw_decode(text)[0]
+    except json.JSONDecodeError as exc:
+        problem = exc
+    stripped = text.rstrip()
+    for closer in ("}", "]}"):
+        try:
+            return decoder.raw_decode(stripped + closer)[0]
+        except ValueError:
+            continue
+    raise ExtractionError(f"broken JSON ({problem.msg} at character {problem.pos})") from None
 
 
 def post_filter(facts: list[ExtractedFact], visible: str) -> list[ExtractedFact]:
@@ -223,19 +267,24 @@ class LiteLLMCompleter:
 
 
 class LocalModelCompleter:
-    """The embedded local model (SmolLM2 by default): offline, slow, often invalid JSON."""
+    """The embedded local model (SmolLM2 by default): offline, slow, often invalid JSON.
 
-    def __init__(self, model: Any, *, max_new_tokens: int = 384) -> None:
+    Greedy decoding with a tight token budget; a small model gets the compact prompt
+    (`compact_prompt`), since the full schema is more than a 135M-parameter model can follow."""
+
+    def __init__(self, model: Any, *, max_new_tokens: int = 160, compact_prompt: bool = True) -> None:
         self.model = model
         self.name = f"llm:local/{getattr(model, 'name', 'model')}"
         self.max_new_tokens = max_new_tokens
+        self.compact_prompt = compact_prompt
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         from adapters import GenerationParams, LocalModelError
 
+        params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         try:
             self.model.load()
-            generation = self.model.generate(messages, GenerationParams(max_new_tokens=self.max_new_tokens))
+            generation = self.model.generate(messages, params)
             return asyncio.run(generation.text())
         except LocalModelError as exc:
             raise ExtractionError(f"local model failed ({type(exc).__name__})") from exc

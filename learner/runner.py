@@ -1,7 +1,10 @@
 """The one loop that schedules the learner's jobs and triggers in the process that writes.
 
-`JobRunner` leases due jobs from the store, runs them (`learner.queue.run_job`) and checks the
-triggers (`learner.triggers.run_due`) after jobs finish and every `trigger_check_s`. In the
+`JobRunner` leases due jobs from the store, runs them (`learner.queue.run_jobs`) and checks the
+triggers (`learner.triggers.run_due`) after jobs finish and every `trigger_check_s`. With a
+`preload` step (`learner.dream.Preloader`, holding the cache the server's requests read), the
+learning runs preload the user's frequent domains, and a job that changed a preloaded user's
+memories preloads them again at once, so the cache is not left stale until the next run. In the
 server it runs on its own thread beside the `LearnerWorker`'s writer thread, so a slow LLM
 extraction never holds up the teacher-log writes. With no extractor (an external
 `memlane learner` leases the jobs over HTTP) it only runs the triggers. `memlane learner`
@@ -21,7 +24,7 @@ from typing import Any
 import structlog
 
 from learner.extractor import Extractor
-from learner.queue import run_job
+from learner.queue import run_jobs
 from learner.triggers import Consolidator, TriggerPolicy, run_due
 from memory import Embedder, MemoryStore, RetryPolicy
 
@@ -38,6 +41,7 @@ class JobRunner:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     triggers: TriggerPolicy | None = field(default_factory=TriggerPolicy)  # None: no triggers here
     consolidate: Consolidator | None = None
+    preload: Any = None  # learner.dream.Preloader: called by learning runs; .refresh after jobs
     lease_for: timedelta = timedelta(minutes=2)
     batch: int = 16
     poll_s: float = 1.0  # look for due retries this often when idle
@@ -61,11 +65,13 @@ class JobRunner:
         try:
             done = 0
             if self.extractor is not None:
-                for job in self.store.lease_jobs(self.owner, limit=self.batch, lease_for=self.lease_for):
-                    outcome = run_job(self.store, self.embedder, self.extractor, job, self.owner, self.retry)
+                jobs = self.store.lease_jobs(self.owner, limit=self.batch, lease_for=self.lease_for)
+                for job, outcome in run_jobs(self.store, self.embedder, self.extractor, jobs, self.owner, self.retry):
                     done += 1
                     if outcome.created and self.extracted is not None:
                         self.extracted(outcome.created)
+                    if outcome.created and self.preload is not None:  # nothing new: nothing to preload
+                        self._refresh_preload(job.user_id)
                     if self.finished is not None:
                         self.finished(outcome.state)
             if done or time.monotonic() >= self._next_trigger_check:
@@ -77,7 +83,13 @@ class JobRunner:
     def check_triggers(self) -> None:
         self._next_trigger_check = time.monotonic() + self.trigger_check_s
         if self.triggers is not None:
-            run_due(self.store, self.triggers, consolidate=self.consolidate)
+            run_due(self.store, self.triggers, consolidate=self.consolidate, preload=self.preload)
+
+    def _refresh_preload(self, user_id: str) -> None:
+        try:
+            self.preload.refresh(self.store, user_id)
+        except Exception as exc:  # the cache stays stale (and unused) until the next learning run
+            log.error("job_failed", step="preload", error=repr(exc))
 
     # -- the thread ---------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ A user's learning run is due after `every` interactions learned since their last
 user asks (`POST /v1/learn`, `memlane learn`: "request"). A run promotes, expires and decays
 memories by the tier rules (`memory.tiers.run_maintenance` through `store.maintain`),
 consolidates the user's memories (`learner.dream.consolidate`, when that step is installed),
-and queues a training request for the user's personal model (a `training_requests` row the
-trainer consumes). The counters live in the store, and the clock is the store's, so a test
-covers a day in milliseconds.
+preloads the context of the user's frequent domains (`learner.dream.Preloader`, when the
+process has a preload cache its requests read), and queues a training request for the user's
+personal model (a `training_requests` row the trainer consumes). The counters live in the
+store, and the clock is the store's, so a test covers a day in milliseconds.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import structlog
 
 from memory import MemoryStore
 
-__all__ = ["Consolidator", "LearnRun", "TriggerPolicy", "find_consolidator", "learn", "run_due"]
+__all__ = ["Consolidator", "LearnRun", "Preload", "TriggerPolicy", "find_consolidator", "learn", "run_due"]
 
 log = structlog.get_logger("memlane.learner")
 
 Consolidator = Callable[..., Any]  # consolidate(store, user_id, *, clock) -> report
+Preload = Callable[..., Any]  # preload(store, user_id, *, clock) -> report (learner.dream.Preloader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +45,13 @@ class LearnRun:
     reason: str  # interactions | schedule | request
     promotion: dict[str, Any] = field(default_factory=dict)
     consolidation: dict[str, Any] | None = None  # None: no consolidation step installed
+    preloading: dict[str, Any] | None = None  # None: no preload cache in this process
     training_request: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"object": "learner.run", "user": self.user_id, "reason": self.reason,
                 "promotion": self.promotion, "consolidation": self.consolidation,
-                "training_request": self.training_request}
+                "preloading": self.preloading, "training_request": self.training_request}
 
 
 def find_consolidator() -> Consolidator | None:
@@ -63,9 +66,10 @@ def find_consolidator() -> Consolidator | None:
 
 
 def learn(store: MemoryStore, user_id: str, reason: str, *, consolidate: Consolidator | None,
-          maintenance: dict[str, Any] | None = None) -> LearnRun:
+          preload: Preload | None = None, maintenance: dict[str, Any] | None = None) -> LearnRun:
     """One learning run for a user. `maintenance`: a promotion report already made in this
-    round (promotion is one pass over every user), so several due users share one pass."""
+    round (promotion is one pass over every user), so several due users share one pass.
+    `preload` runs after consolidation, so the cached context is built from the merged memories."""
     run = LearnRun(user_id, reason)
     previous = (store.learner_user(user_id) or {}).get("last_run_at")
     run.promotion = maintenance if maintenance is not None else _report(store.maintain())
@@ -76,13 +80,21 @@ def learn(store: MemoryStore, user_id: str, reason: str, *, consolidate: Consoli
         except Exception as exc:  # reported in the run, logged; promotion and training go on
             log.error("job_failed", step="consolidate", user_hash=_hash(user_id), error=repr(exc))
             run.consolidation = {"error": type(exc).__name__}
+    if preload is not None:
+        try:
+            run.preloading = _report(preload(store, user_id, clock=store.clock))
+        except Exception as exc:  # like consolidation: reported, logged, the run goes on
+            log.error("job_failed", step="preload", user_hash=_hash(user_id), error=repr(exc))
+            run.preloading = {"error": type(exc).__name__}
     run.training_request = store.request_training(user_id, reason).to_dict()
     log.info("learn_done", user_hash=_hash(user_id), reason=reason,
-             training_request=run.training_request["id"], consolidated=run.consolidation is not None)
+             training_request=run.training_request["id"], consolidated=run.consolidation is not None,
+             preloaded=run.preloading is not None)
     return run
 
 
-def run_due(store: MemoryStore, policy: TriggerPolicy, *, consolidate: Consolidator | None) -> list[LearnRun]:
+def run_due(store: MemoryStore, policy: TriggerPolicy, *, consolidate: Consolidator | None,
+            preload: Preload | None = None) -> list[LearnRun]:
     """Every user whose run is due by count or by time: one promotion pass, then each user."""
     due = store.learner_users_due(every=policy.every, period=policy.period, min_gap=policy.min_gap)
     if not due:
@@ -91,7 +103,8 @@ def run_due(store: MemoryStore, policy: TriggerPolicy, *, consolidate: Consolida
     runs = []
     for user_id, reason in due:
         try:
-            runs.append(learn(store, user_id, reason, consolidate=consolidate, maintenance=maintenance))
+            runs.append(learn(store, user_id, reason, consolidate=consolidate, preload=preload,
+                              maintenance=maintenance))
         except Exception as exc:  # one user's failed run must not stop the others; retried next round
             log.error("job_failed", step="learn", user_hash=_hash(user_id), error=repr(exc))
     return runs

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 import structlog
@@ -93,6 +93,7 @@ class LearnerWorker:
     lease_for: timedelta = timedelta(minutes=2)
     # Acknowledged exchanges on disk until they are logged: survives a killed process.
     journal: InteractionJournal | None = None
+    preload: Any = None  # learner.dream.Preloader: learning runs fill the cache requests read
 
     def __post_init__(self) -> None:
         self._queue: queue.Queue[object] = queue.Queue(self.maxsize)
@@ -104,7 +105,7 @@ class LearnerWorker:
             self.store, self.embedder, extractor if self.run_jobs else None,  # type: ignore[arg-type]
             retry=self.retry, triggers=self.triggers, consolidate=self.consolidate,
             lease_for=self.lease_for, extracted=self.observer.extracted,
-            finished=getattr(self.observer, "job_finished", None),
+            finished=getattr(self.observer, "job_finished", None), preload=self.preload,
         )
 
     def start(self) -> None:

@@ -73,10 +73,21 @@ _DOMAIN_RES = {domain: re.compile("|".join(_pattern(w) for w in words))
 
 def infer_domains(text: str, *, limit: int = 3) -> tuple[str, ...]:
     """Up to `limit` domains a sentence is about, most keyword hits first (ties by name)."""
+    if len(text) <= _CACHED_CHARS:
+        return _cached_domains(text, limit)
     return _infer_domains(text, limit)
 
 
-@functools.lru_cache(maxsize=32_768)  # ~0.3 ms a sentence: a 10k-memory user's preload asked 30k
+# ~0.3 ms a sentence, and a 10k-memory user's preload asks 30k times: memories (short) are
+# remembered; long texts (whole messages, pasted code) are not, so the cache stays under ~20 MB.
+_CACHED_CHARS = 512
+
+
+@functools.lru_cache(maxsize=32_768)
+def _cached_domains(text: str, limit: int) -> tuple[str, ...]:
+    return _infer_domains(text, limit)
+
+
 def _infer_domains(text: str, limit: int) -> tuple[str, ...]:
     lower = text.lower()
     hits = Counter({domain: len(pattern.findall(lower)) for domain, pattern in _DOMAIN_RES.items()})

@@ -7,6 +7,7 @@ queue before the store closes, so every interaction accepted before SIGTERM is w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from adapters import LocalModel
 from learner import LearnerWorker, extract_facts, find_consolidator
+from learner.dream import PreloadCache, Preloader
 from learner.journal import InteractionJournal
 from memory import (
     BatchingEmbedder,
@@ -36,7 +38,7 @@ from memory import (
 )
 from proxy import routes
 from proxy.adapters_api import list_adapters
-from proxy.auth import KeyRing
+from proxy.auth import KeyCheckMiddleware, KeyRing
 from proxy.chat import chat_completions
 from proxy.egress import EgressPolicy
 from proxy.errors import NotFound, ProxyError, anthropic_error_response, error_response
@@ -94,12 +96,15 @@ def create_app(
                 stack.callback(the_store.close)
             if local_model is None:
                 stack.callback(model.close)  # ends a running generation instead of waiting it out
+            # One preload cache per process: the learner fills it, the request path reads it.
+            preloaded = PreloadCache() if the_store is not None and settings.memory_preload != "off" else None
             learner = _start_learner(settings, the_store, emb, metrics, stack, nml_feed=_nml_feed(model),
-                                     local_model=model, journal=store is None)
+                                     local_model=model, journal=store is None, preloaded=preloaded)
             if the_store is not None and _nml_feed(model) is not None:
                 the_store.wipe_hooks.append(lambda user_id: model.store and model.store.forget(user_id))
             background = _warm_up(settings, emb, model, the_store)
             personal = _personal_model(settings, the_store, personal_model, stack)
+            plm_updates = _start_plm_updates(settings, the_store, personal, metrics, stack)
             app.state.memlane = AppState(
                 settings=settings,
                 keyring=KeyRing(settings.keys, limiter=RateLimiter(
@@ -111,7 +116,8 @@ def create_app(
                     enabled=settings.memory, top_k=settings.memory_top_k,
                     min_score=settings.memory_min_score, token_cap=settings.memory_token_cap,
                     budget_s=settings.memory_budget_ms / 1000, plm=_plm_context(settings, personal or model),
-                    egress=EgressPolicy.parse(settings.egress_policy),
+                    egress=EgressPolicy.parse(settings.egress_policy), trained_on=_adapter_memories(personal),
+                    preloaded=preloaded, preload=settings.memory_preload,
                 ),
                 learner=learner,
                 store=the_store,
@@ -121,6 +127,8 @@ def create_app(
                 background=background,
                 draining=draining or Draining(settings.shutdown_grace_s),
             )
+            if plm_updates is not None:  # a stop signal stops a running update at once
+                app.state.memlane.draining.on_begin(plm_updates.cancel)
             log.info("memlane_started", memory=settings.memory, open_mode=settings.open_mode,
                      routes=[f"{r.match}->{r.provider}" for r in settings.routes])
             for r in settings.routes:
@@ -154,7 +162,8 @@ def create_app(
             *ui_routes(),
         ],
         middleware=[
-            Middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes)
+            Middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes),
+            Middleware(KeyCheckMiddleware),  # scrypt key checks off the event loop
         ],
         exception_handlers={HTTPException: _http_exception, ProxyError: _proxy_error},
         lifespan=lifespan,
@@ -218,6 +227,20 @@ def _plm_context(settings: Settings, model: Any) -> Any:
     return PLMContext(generator, budget_s=settings.plm_context_budget_ms / 1000)
 
 
+def _adapter_memories(personal: Any) -> Any:
+    """user id -> the memory ids the user's live adapter was trained on (the egress policy's
+    check on the personal model's context); None without personal adapters."""
+    registry = getattr(personal, "registry", None)
+    if registry is None:
+        return None
+
+    def trained_on(user_id: str) -> list[str] | None:
+        live = registry.live(user_id)
+        return live.memory_ids if live is not None else None
+
+    return trained_on
+
+
 def _personal_model(settings: Settings, the_store: MemoryStore | None, given: Any, stack: Any) -> Any:
     """The personal model (`plm`, docs/plm.md) when enabled or passed in. The store's delete and
     wipe hooks keep its adapters in step: a deleted memory makes them stale, a wipe deletes them."""
@@ -238,6 +261,28 @@ def _personal_model(settings: Settings, the_store: MemoryStore | None, given: An
     return personal
 
 
+def _start_plm_updates(settings: Settings, the_store: MemoryStore | None, personal: Any, metrics: Metrics,
+                       stack: contextlib.AsyncExitStack) -> Any:
+    """The learner's training requests, trained and gated in the background on a copy of the
+    base model (`plm_auto_update`, docs/plm.md); stopped, a running update with it, before the
+    store closes."""
+    if not (settings.plm and settings.plm_auto_update) or the_store is None or personal is None:
+        return None
+    from adapters.plm import BaseSpec, PLMRuntime, UpdateConfig, UpdateScheduler
+
+    spec = BaseSpec(cache_dir=settings.model_cache, model_dir=settings.local_model_dir,
+                    name=settings.local_model_name, device=settings.plm_device)
+    scheduler = UpdateScheduler(
+        the_store, personal.registry, lambda: PLMRuntime.load(spec),
+        config=UpdateConfig.from_dict(settings.plm_training), threads=settings.plm_update_threads,
+        min_gap_s=settings.plm_update_min_gap_s, poll_s=settings.plm_update_poll_s,
+        observer=_PLMUpdateObserver(metrics),
+    )
+    scheduler.start()
+    stack.push_async_callback(asyncio.to_thread, scheduler.stop)
+    return scheduler
+
+
 def _with_personal(upstreams: dict[str, ChatUpstream], personal: Any) -> dict[str, ChatUpstream]:
     if personal is not None and "plm" not in upstreams:
         upstreams = {**upstreams, "plm": PersonalUpstream(personal)}
@@ -249,7 +294,8 @@ def _nml_feed(model: Any) -> Any:
     return getattr(model, "feed", None) if type(model).__name__ == "NMLChatModel" else None
 
 
-def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None, local_model=None, journal=False):  # type: ignore[no-untyped-def]
+def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None, local_model=None, journal=False,  # type: ignore[no-untyped-def]
+                   preloaded=None):
     if the_store is None:
         return DroppingSink(metrics)
     # Beside the database this app opened: acknowledged interactions survive a killed process.
@@ -262,7 +308,9 @@ def _start_learner(settings, the_store, emb, metrics, stack, *, nml_feed=None, l
                             extractor=build_extractor(settings, local_model) if inprocess else extract_facts,
                             run_jobs=inprocess, retry=retry_policy(settings), triggers=trigger_policy(settings),
                             consolidate=find_consolidator(), lease_for=timedelta(seconds=settings.learner_lease_s),
-                            journal=InteractionJournal(journal_dir) if journal_dir else None)
+                            journal=InteractionJournal(journal_dir) if journal_dir else None,
+                            # learning runs preload the user's frequent domains into the cache
+                            preload=Preloader(preloaded) if preloaded is not None else None)
     learner.start()
     stack.callback(learner.stop)
     return learner
@@ -324,6 +372,18 @@ class _Observer:
 
     def job_finished(self, outcome: str) -> None:
         self.m.learner_jobs.labels(outcome=outcome).inc()
+
+
+class _PLMUpdateObserver:
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def started(self) -> None:
+        self.m.plm_updates_started.inc()
+
+    def finished(self, outcome: str, seconds: float) -> None:
+        self.m.plm_updates.labels(outcome=outcome).inc()
+        self.m.plm_update_seconds.observe(seconds)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

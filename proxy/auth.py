@@ -4,7 +4,9 @@ Keys are kept as hashes only (``sha256:`` or ``scrypt:``, see ``KeyConfig``): a 
 configuration is hashed while the settings load. A presented key is hashed and compared with
 every configured hash in constant time (``hmac.compare_digest``, no early exit). A scrypt hash
 costs ~40 ms to check, so a key that matched one is remembered by its SHA-256 for the life of
-the process, and a few thousand recent misses are remembered too. With no keys configured memlane
+the process, and a few thousand recent misses are remembered too. That check runs on a worker
+thread (``KeyCheckMiddleware``), never on the event loop, where it would hold up every other
+request; the routes' own ``authenticate`` then finds the answer remembered. With no keys configured memlane
 runs in open mode for one local person: any (or no) key is accepted and the user is ``default``.
 The OpenAI ``user`` field or an ``X-Memlane-User`` header picks a sub-user only where the key
 allows it, and a keyed sub-user is namespaced under the key's user (``team/alice``) so one key
@@ -13,6 +15,8 @@ can never reach the memories of another key's users.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import re
@@ -21,6 +25,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from proxy.ratelimit import Limit, RateLimiter
@@ -31,6 +38,8 @@ USER_HEADER = "x-memlane-user"
 _SUB_USER = re.compile(r"^[^\s/\x00-\x1f]{1,128}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # the interactive-login parameters of the scrypt paper
 _MAX_REMEMBERED_MISSES = 4096
+# scrypt checks at once: each holds 128 * r * n bytes (16 MiB at the defaults) and a core.
+_HASHING_THREADS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +101,7 @@ class KeyRing:
         self._verified: list[tuple[bytes, KeyConfig]] = []  # SHA-256 of keys that matched a scrypt hash
         self._misses: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(_HASHING_THREADS, thread_name_prefix="memlane-keycheck")
 
     @property
     def open_mode(self) -> bool:
@@ -116,6 +126,26 @@ class KeyRing:
         self._limiter.check(config.key_hash, limit)
         return Principal(config.user, sub_users=config.sub_users, key_fingerprint=digest.hex()[:8])
 
+    async def check_off_loop(self, headers: Mapping[str, str]) -> None:
+        """Run the presented key's scrypt check on a worker thread and remember its answer, so
+        that ``authenticate`` (synchronous, called by every route) does not hash on the event loop.
+
+        The pool is memlane's own, not asyncio's default one: a burst of new (or wrong) keys
+        queues there instead of taking the threads that memory retrieval runs on. Nothing is
+        raised here; ``authenticate`` answers 401 or 429 as before.
+        """
+        presented = _presented_key(headers) if self._scrypt else None
+        if presented is None:
+            return
+        digest = hashlib.sha256(presented.encode()).digest()
+        if _find(digest, self._sha256) is not None or self._remembered(digest):
+            return
+        await asyncio.get_running_loop().run_in_executor(self._hasher, self._scrypt_match, presented, digest)
+
+    def _remembered(self, digest: bytes) -> bool:
+        with self._lock:
+            return _find(digest, self._verified) is not None or digest in self._misses
+
     def _scrypt_match(self, presented: str, digest: bytes) -> KeyConfig | None:
         if not self._scrypt:
             return None
@@ -135,6 +165,21 @@ class KeyRing:
                 if len(self._misses) > _MAX_REMEMBERED_MISSES:
                     self._misses.popitem(last=False)
         return found
+
+
+class KeyCheckMiddleware:
+    """Pure ASGI middleware: checks a new key against the scrypt hashes off the event loop before
+    the route runs (``KeyRing.check_off_loop``). Streams and disconnects pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app") if scope["type"] == "http" else None
+        state = getattr(getattr(app, "state", None), "memlane", None)  # None until the lifespan built it
+        if state is not None:
+            await state.keyring.check_off_loop(Headers(scope=scope))
+        await self.app(scope, receive, send)
 
 
 def _find(digest: bytes, table: Sequence[tuple[bytes, KeyConfig]]) -> KeyConfig | None:

@@ -8,11 +8,17 @@ personal model and Ollama; ``credentials:none`` keeps credentials out of every p
 rule names goes anywhere, except ``credentials``, which goes nowhere unless a rule names it. The
 policy is applied where memories are injected (``proxy/recall.py``), for every endpoint and
 target format, so a memory a provider may not see is never in the bytes sent to it.
+
+The personal model's context (``plm_context``) is written by the user's live adapter, whose
+weights may carry any memory it was trained on, whatever the request retrieved. So that context
+may reach a provider only if every memory the live version was trained on may, by its label now
+(``adapter_may_reach``); otherwise the request goes on with plain retrieval. A memory the store
+no longer has (or never had) counts as one that may go nowhere: its label is unknown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -68,6 +74,16 @@ class EgressPolicy:
     def filter(self, memories: Iterable[T], provider: str) -> list[T]:
         """The memories (anything with a ``sensitivity``) that may be sent to ``provider``."""
         return [m for m in memories if self.permits(_label(m), provider)]
+
+
+def adapter_may_reach(policy: EgressPolicy, provider: str, trained_on: Sequence[str], memories: Iterable[object]) -> bool:
+    """Whether text from an adapter trained on the memories ``trained_on`` may go to ``provider``.
+
+    ``memories``: those of ``trained_on`` the store still holds (anything with ``id`` and
+    ``sensitivity``), with their labels as they are now, so relabelling a memory counts at once.
+    """
+    found = {getattr(m, "id", None): m for m in memories}
+    return all(i in found and policy.permits(_label(found[i]), provider) for i in trained_on)
 
 
 def _names(part: str) -> list[str]:

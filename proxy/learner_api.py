@@ -143,7 +143,9 @@ async def learn_now(request: Request) -> Response:
     user_id = resolve_user(principal, body_user=request.query_params.get("user"),
                            header_user=request.headers.get(USER_HEADER))
     _, store = _state(request)
-    run = await asyncio.to_thread(learn, store, user_id, "request", consolidate=find_consolidator())
+    learner = getattr(state.learner, "runner", None)
+    run = await asyncio.to_thread(learn, store, user_id, "request", consolidate=find_consolidator(),
+                                  preload=getattr(learner, "preload", None))
     return JSONResponse(run.to_dict())
 
 

@@ -40,8 +40,14 @@ class Metrics:
             buckets=(0, 1, 2, 3, 5, 8, 13, 21), registry=r,
         )
         self.memory_failures = Counter(
-            "memlane_memory_failures", "Chat requests answered without memory because the store failed",
+            "memlane_memory_failures",
+            "Chat requests whose memory retrieval failed or timed out (answered without memory, or preloaded)",
             registry=r,
+        )
+        self.memory_preloaded = Counter(
+            "memlane_memory_preloaded",
+            "Chat requests given the learner's preloaded context: fallback (retrieval failed or was late) "
+            "or served (memory_preload=serve, no search)", ["reason"], registry=r,
         )
         self.log_queue_depth = Gauge(
             "memlane_log_queue_depth", "Interactions waiting to be written to the teacher log", registry=r
@@ -54,6 +60,18 @@ class Metrics:
         )
         self.memories_extracted = Counter(
             "memlane_memories_extracted", "Memories created by the extractor", registry=r
+        )
+        self.plm_updates_started = Counter(
+            "memlane_plm_updates_started", "Personal-adapter updates the server started", registry=r
+        )
+        self.plm_updates = Counter(
+            "memlane_plm_updates",
+            "Personal-adapter updates by outcome: accepted, rejected (by the gate), failed, empty, cancelled",
+            ["outcome"], registry=r,
+        )
+        self.plm_update_seconds = Histogram(
+            "memlane_plm_update_seconds", "Wall time of a personal-adapter update: data, training and gate",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=r,
         )
         self.learner_jobs = Counter(
             "memlane_learner_jobs", "Learner job attempts by outcome: done, pending (to retry), dead, lost",

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     memory_min_score: float = Field(default=0.2, ge=-1.0, le=1.0)
     memory_token_cap: int = Field(default=400, ge=0)
     memory_budget_ms: int = Field(default=2000, ge=1)  # retrieval slower than this: answer without memory
+    # The learner's preloaded context of the user's frequent domains (learner/dream.py): "fallback"
+    # injects it when retrieval fails or runs past the budget; "serve" also answers a query in a
+    # preloaded domain from it without embedding or search; "off" never reads it.
+    memory_preload: Literal["off", "fallback", "serve"] = "fallback"
     # The personal model (PLM) writes a short context for the target model from the retrieved
     # memories; slower than the budget, the request goes on with plain retrieval (x-memlane-plm).
     plm_context: Literal["off", "on"] = "off"
@@ -136,6 +140,16 @@ class Settings(BaseSettings):
     plm: bool = False
     plm_dir: Path = Path("plm-adapters")
     plm_device: str = "cpu"  # "cuda": bf16 on the GPU
+    # With `plm` on, the server trains and gates the learner's training requests itself, in the
+    # background (adapters/plm/scheduler.py): one update at a time, on plm_update_threads torch
+    # threads, each user at most once per plm_update_min_gap_s; pending requests are looked for
+    # every plm_update_poll_s. plm_training overrides the update's hyperparameters
+    # (adapters.plm.UpdateConfig, with `train` and `gate` tables).
+    plm_auto_update: bool = True
+    plm_update_threads: int = Field(default=1, ge=1, le=256)
+    plm_update_min_gap_s: float = Field(default=1800.0, ge=0)
+    plm_update_poll_s: float = Field(default=5.0, gt=0)
+    plm_training: dict[str, Any] = Field(default_factory=dict)
     embedder: Literal["minilm", "hash"] = "minilm"  # "hash" is lexical, for tests only
     # MiniLM's runtime: ONNX Runtime (exported once into model_cache; same vectors, ~2.5x less CPU
     # per query) or sentence-transformers on torch. "auto" falls back to torch if ONNX fails.
@@ -168,6 +182,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("plm_training")
+    @classmethod
+    def _plm_training(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:  # imported only when set: the settings module stays light
+            from adapters.plm.update import UpdateConfig
+
+            try:
+                UpdateConfig.from_dict(value)
+            except TypeError as exc:
+                raise ValueError(f"not an update setting: {exc}") from exc
+        return value
 
     @field_validator("egress_policy")
     @classmethod

@@ -11,6 +11,7 @@ timeout a few seconds past ``grace_s`` so the streams end here, in words, before
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -24,6 +25,12 @@ class Draining:
         self._interrupted: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._begun = False
+        self._on_begin: list[Callable[[], None]] = []
+
+    def on_begin(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (quick, thread-safe, idempotent) as soon as the stop signal arrives:
+        background work such as an adapter update stops then, not after the streams drained."""
+        self._on_begin.append(callback)
 
     def register(self) -> asyncio.Task | None:
         """Track the current task (one relaying a stream) until `unregister`."""
@@ -43,6 +50,8 @@ class Draining:
 
     def begin(self) -> None:
         """The server was asked to stop. Safe to call from a signal handler, more than once."""
+        for callback in self._on_begin:
+            callback()
         if self._begun or self._loop is None:
             return  # no stream was ever relayed: nothing to end
         self._begun = True

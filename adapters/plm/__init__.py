@@ -1,5 +1,6 @@
-"""The Personal Language Model: per-user LoRA adapters on the local model, kept encrypted,
-composed with a community adapter, used in the request path, pruned and compressed.
+"""The Personal Language Model: per-user LoRA adapters on the local model, trained from the
+learner's datasets (in the server as the learner asks, `scheduler`), kept encrypted, composed
+with a community adapter, used in the request path, pruned and compressed.
 
 Only the names in ``__all__`` are public. torch, transformers and peft are imported inside the
 functions that need them, so importing this package stays cheap.
@@ -30,7 +31,7 @@ from adapters.plm.crypto import (
     save_encrypted_state_dict,
 )
 from adapters.plm.data import LocalTeacher, SoftTargets
-from adapters.plm.facts import Fact, QAPair, fact_of, qa_pairs
+from adapters.plm.facts import Fact, fact_of
 from adapters.plm.gate import GateConfig, GateReport, evaluate
 from adapters.plm.model import BaseSpec, LoRAConfig, PLMRuntime
 from adapters.plm.prune import PruneConfig, PrunePlan, prune_for_user, quantize_int8
@@ -41,11 +42,14 @@ from adapters.plm.registry import (
     follow_store,
     reconcile,
 )
+from adapters.plm.scheduler import UpdateObserver, UpdateScheduler
 from adapters.plm.serve import PersonalModel
 from adapters.plm.train import TrainConfig
 from adapters.plm.update import (
+    UpdateCancelled,
     UpdateConfig,
     UpdateResult,
+    run_request,
     run_requested_updates,
     run_update,
 )
@@ -72,14 +76,16 @@ __all__ = [
     "PersonalModel",
     "PruneConfig",
     "PrunePlan",
-    "QAPair",
     "QueryAnalyser",
     "QueryAnalysis",
     "RegistryError",
     "SoftTargets",
     "TrainConfig",
+    "UpdateCancelled",
     "UpdateConfig",
+    "UpdateObserver",
     "UpdateResult",
+    "UpdateScheduler",
     "compose",
     "decrypt_bytes",
     "encrypt_bytes",
@@ -89,9 +95,9 @@ __all__ = [
     "load_encrypted_state_dict",
     "merge_layers",
     "prune_for_user",
-    "qa_pairs",
     "quantize_int8",
     "reconcile",
+    "run_request",
     "run_requested_updates",
     "run_update",
     "save_encrypted_state_dict",

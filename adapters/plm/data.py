@@ -1,13 +1,15 @@
-"""What an adapter is trained on, as token ids: memory QA pairs, teacher answers, replay text.
+"""What an adapter is trained on, as token ids: the learner's dataset and replay text.
 
-- Memory QA pairs (`adapters.plm.facts`): supervised, several phrasings per fact.
-- Teacher answers from the interactions log: sequence-level distillation (the answer a stronger
-  model gave becomes the target). Answers of memlane's own local models are skipped: a model
-  learns nothing from imitating itself.
-- Soft targets: where the log holds the teacher's top log-probabilities per token (OpenAI's
-  `logprobs.content[].top_logprobs`) and they line up with this tokenizer's tokens of the
-  answer, or where a local same-tokenizer teacher (`LocalTeacher`) scored the answer, the
-  example carries the teacher's top-k distribution per answer position.
+- The learner's distillation dataset (`learner.datasets.build_dataset`): memory QA pairs (several
+  phrasings per fact, weighted by confidence, memory type and feedback) and teacher answers from
+  the interactions log (sequence-level distillation; memlane's own local models are not
+  teachers). Each example becomes the turns before its answer (`Example.conversation()`: the
+  question alone for a memory, the client's conversation for a teacher answer) with the answer
+  as the only supervised span, and keeps its weight.
+- Soft targets: where the dataset carries the teacher's top log-probabilities per token and
+  they line up with this tokenizer's tokens of the answer, or where a local same-tokenizer
+  teacher (`LocalTeacher`) scored the answer, the example carries the teacher's top-k
+  distribution per answer position.
 - Replay text: paragraphs of Python's own reference documentation (`pydoc_data.topics`, shipped
   with CPython, offline). Training keeps the adapted model's next-token distribution close to the
   base's on it; a disjoint set of topics is held out to measure perplexity drift.
@@ -20,18 +22,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from adapters.plm.facts import QAPair
 from adapters.plm.model import IGNORE, supervised_pair
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "Batch", "Example", "LocalTeacher", "SoftTargets", "TeacherScorer", "collate", "heldout_text",
-    "qa_examples", "replay_text", "teacher_examples", "text_windows",
-]
+    from learner.datasets import Example as DatasetExample
 
-LOCAL_PROVIDERS = frozenset({"local", "plm"})  # our own models: not teachers
+__all__ = [
+    "Batch", "Example", "LocalTeacher", "SoftTargets", "TeacherScorer", "collate", "dataset_examples",
+    "heldout_text", "replay_text", "text_windows",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,73 +50,50 @@ class Example:
     source: str  # "memory" | "teacher"
     memory_id: str | None = None
     soft: SoftTargets | None = None  # aligned with the labelled positions, in order
-    weight: float = 1.0
+    weight: float = 1.0  # the dataset's: confidence x type x feedback (memories), feedback (teacher)
 
 
 class TeacherScorer(Protocol):
     def score(self, prompt: list[int], answer: list[int], *, k: int) -> SoftTargets: ...
 
 
-def qa_examples(tokenizer: Any, pairs: Iterable[QAPair], *, max_tokens: int) -> list[Example]:
-    out = []
-    for pair in pairs:
-        ids, labels = supervised_pair(tokenizer, [{"role": "user", "content": pair.question}], pair.answer,
-                                      max_tokens=max_tokens)
-        out.append(Example(ids, labels, "memory", pair.memory_id))
-    return out
-
-
-def teacher_examples(
-    tokenizer: Any, interactions: Iterable[dict], *, max_tokens: int, scorer: TeacherScorer | None = None,
+def dataset_examples(
+    tokenizer: Any, examples: Iterable[DatasetExample], *, max_tokens: int, scorer: TeacherScorer | None = None,
     k: int = 8,
 ) -> list[Example]:
-    """Sequence-level distillation examples from logged interactions (newest first is fine)."""
+    """Token-id examples from the learner's dataset examples, in their order. Teacher answers
+    get soft targets from their logged top log-probabilities, else from `scorer` when given."""
     out = []
-    for row in interactions:
-        if row.get("status_code") != 200 or row.get("provider") in LOCAL_PROVIDERS:
-            continue
-        answer = (row.get("response") or {})
-        text = answer.get("content")
-        messages = _plain_messages((row.get("request_received") or {}).get("messages") or [])
-        if not isinstance(text, str) or not text.strip() or not messages or messages[-1]["role"] != "user":
-            continue
-        ids, labels = supervised_pair(tokenizer, messages, text, max_tokens=max_tokens)
-        reply = [t for t in labels if t != IGNORE]
-        soft = logged_soft_targets(tokenizer, answer.get("logprobs"), reply)
-        if soft is None and scorer is not None:
-            soft = scorer.score(ids[: len(ids) - len(reply)], reply, k=k)
-        out.append(Example(ids, labels, "teacher", soft=soft))
+    for example in examples:
+        ids, labels = supervised_pair(tokenizer, example.conversation(), example.output, max_tokens=max_tokens)
+        soft = None
+        if example.source == "teacher":
+            reply = [t for t in labels if t != IGNORE]
+            soft = logged_soft_targets(tokenizer, example.teacher_logprobs, reply)
+            if soft is None and scorer is not None:
+                soft = scorer.score(ids[: len(ids) - len(reply)], reply, k=k)
+        out.append(Example(ids, labels, example.source, example.memory_id, soft, example.weight))
     return out
 
 
-def _plain_messages(messages: list[Any]) -> list[dict[str, str]]:
-    from adapters.local_model import chat_messages
-
-    try:
-        plain = chat_messages(messages)
-    except ValueError:
-        return []
-    return [m for m in plain if m["role"] in ("system", "user", "assistant") and m["content"]]
-
-
-def logged_soft_targets(tokenizer: Any, logprobs: Any, reply: list[int]) -> SoftTargets | None:
-    """Soft targets from an OpenAI-style logprobs record, if its tokens are this tokenizer's.
+def logged_soft_targets(tokenizer: Any, logprobs: Iterable[dict] | None, reply: list[int]) -> SoftTargets | None:
+    """Soft targets from the dataset's per-token record (`token`, `logprob`, `top`: [[token,
+    logprob], ...]), if its tokens are this tokenizer's.
 
     Each logged token and each of its alternatives must be one token here, and the logged
     tokens must spell exactly the answer's ids (the end token excepted); otherwise None.
     """
-    content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
-    if not content or len(content) != len(reply) - 1:
+    positions = list(logprobs or ())
+    if not positions or len(positions) != len(reply) - 1:
         return None
     ids, lps = [], []
-    for position, expected in zip(content, reply[:-1], strict=True):
-        chosen = _single_id(tokenizer, position.get("token"))
-        if chosen != expected:
+    for position, expected in zip(positions, reply[:-1], strict=True):
+        if _single_id(tokenizer, position.get("token")) != expected:
             return None
-        alts = [(_single_id(tokenizer, a.get("token")), a.get("logprob")) for a in position.get("top_logprobs") or []]
+        alts = [(_single_id(tokenizer, token), lp) for token, lp in position.get("top") or []]
         alts = [(i, float(lp)) for i, lp in alts if i is not None and isinstance(lp, int | float)]
         if not alts:
-            alts = [(expected, float(position.get("logprob", 0.0)))]
+            alts = [(expected, float(position.get("logprob") or 0.0))]
         ids.append([i for i, _ in alts])
         lps.append([lp for _, lp in alts])
     ids.append([reply[-1]])  # the end of the turn: certain
@@ -202,6 +180,7 @@ class Batch:
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
     attention_mask: torch.Tensor  # (B, T)
     soft: list[tuple[int, int, SoftTargets]] = field(default_factory=list)  # (row, first answer pos, targets)
+    weights: torch.Tensor | None = None  # (B,) each row's example weight; None: all 1
 
 
 def collate(examples: list[Example], pad_id: int, device: Any) -> Batch:
@@ -221,5 +200,6 @@ def collate(examples: list[Example], pad_id: int, device: Any) -> Batch:
         if e.soft is not None:
             first = next(i for i, t in enumerate(e.labels) if t != IGNORE)
             soft.append((row, first, e.soft))
-    return Batch(ids.to(device), labels.to(device), mask.to(device), soft)
+    weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)  # (B,)
+    return Batch(ids.to(device), labels.to(device), mask.to(device), soft, weights.to(device))
 

@@ -14,12 +14,15 @@ A failed check rejects the adapter with the reasons recorded; the previous adapt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapters.plm.data import heldout_text, text_windows
 from adapters.plm.facts import Correction, Fact, contains_value, probes
 from adapters.plm.model import BLANK_ADAPTER, PLMRuntime, prompt_ids
+
+Check = Callable[[], None]  # called between batches; raises to stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +69,15 @@ def activate(runtime: PLMRuntime, adapter: str | None) -> Any:
 
 
 def answers(runtime: PLMRuntime, adapter: str | None, questions: list[str], *,
-            max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
+            max_new_tokens: int = 24, batch_size: int = 16, check: Check | None = None) -> list[str]:
     """Greedy answers to single-turn questions, in batches (left-padded)."""
     import torch
 
     model, tok = activate(runtime, adapter), runtime.tokenizer
     out: list[str] = []
     for start in range(0, len(questions), batch_size):
+        if check is not None:
+            check()
         prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions[start : start + batch_size]]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=runtime.device)
@@ -86,13 +91,16 @@ def answers(runtime: PLMRuntime, adapter: str | None, questions: list[str], *,
     return out
 
 
-def perplexity(runtime: PLMRuntime, adapter: str | None, windows: list[list[int]], *, batch_size: int = 8) -> float:
+def perplexity(runtime: PLMRuntime, adapter: str | None, windows: list[list[int]], *, batch_size: int = 8,
+               check: Check | None = None) -> float:
     import torch
     import torch.nn.functional as F
 
     model = activate(runtime, adapter)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
+        if check is not None:
+            check()
         ids = torch.tensor(windows[start : start + batch_size], device=runtime.device)  # (B, L)
         with torch.no_grad():
             logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)
@@ -107,10 +115,10 @@ def heldout_windows(runtime: PLMRuntime, config: GateConfig) -> list[list[int]]:
 
 
 def fact_checks(runtime: PLMRuntime, adapter: str | None, facts: list[Fact], *, per_fact: int = 1,
-                max_new_tokens: int = 24) -> dict[str, bool]:
+                max_new_tokens: int = 24, check: Check | None = None) -> dict[str, bool]:
     """memory id -> whether every probe of that fact was answered with its value."""
     asked = [(f, q) for f in facts for q in probes(f)[:per_fact]]
-    replies = answers(runtime, adapter, [q for _, q in asked], max_new_tokens=max_new_tokens)
+    replies = answers(runtime, adapter, [q for _, q in asked], max_new_tokens=max_new_tokens, check=check)
     known = {f.memory_id: True for f in facts}
     for (fact, _), reply in zip(asked, replies, strict=True):
         known[fact.memory_id] &= contains_value(reply, fact.value)
@@ -119,24 +127,25 @@ def fact_checks(runtime: PLMRuntime, adapter: str | None, facts: list[Fact], *, 
 
 def evaluate(
     runtime: PLMRuntime, adapter: str | None, facts: list[Fact], corrections: list[Correction],
-    config: GateConfig, *, base_ppl: float | None = None,
+    config: GateConfig, *, base_ppl: float | None = None, check: Check | None = None,
 ) -> GateReport:
-    """Runs the three checks on one adapter (None: the base model)."""
+    """Runs the three checks on one adapter (None: the base model). `check` is called between
+    batches; it raises to stop the gate early (the server shutting down mid-update)."""
     report = GateReport(passed=False, facts=len(facts), corrections=len(corrections))
     known = fact_checks(runtime, adapter, facts, per_fact=config.probes_per_fact,
-                        max_new_tokens=config.max_new_tokens)
+                        max_new_tokens=config.max_new_tokens, check=check)
     report.facts_known = sum(known.values())
     report.facts_missed = [m for m, ok in known.items() if not ok]
     if corrections:
         replies = answers(runtime, adapter, [probes(c.fact)[0] for c in corrections],
-                          max_new_tokens=config.max_new_tokens)
+                          max_new_tokens=config.max_new_tokens, check=check)
         report.corrections_failed = [
             c.fact.memory_id for c, r in zip(corrections, replies, strict=True)
             if not contains_value(r, c.fact.value) or contains_value(r, c.old_value)
         ]
     windows = heldout_windows(runtime, config)
-    report.ppl_base = base_ppl if base_ppl is not None else perplexity(runtime, None, windows)
-    report.ppl_adapted = perplexity(runtime, adapter, windows)
+    report.ppl_base = base_ppl if base_ppl is not None else perplexity(runtime, None, windows, check=check)
+    report.ppl_adapted = perplexity(runtime, adapter, windows, check=check)
     if report.fact_recall < config.min_fact_recall:
         report.reasons.append(
             f"knows {report.facts_known} of {report.facts} facts ({report.fact_recall:.0%}); "

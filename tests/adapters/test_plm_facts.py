@@ -1,5 +1,6 @@
-"""Memories as question-answer pairs: which question a memory answers, training phrasings
-apart from the probe phrasings the gate asks, corrections found from supersession."""
+"""The gate's view of memories: which question a memory answers, the probe phrasings it asks
+kept apart from every question the learner's dataset trains on, corrections found from
+supersession."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ from datetime import datetime
 
 from adapters.plm.facts import (
     PROBE,
-    TRAIN,
     contains_value,
     corrections_of,
     fact_of,
     probes,
-    qa_pairs,
-    second_person,
 )
+from learner.datasets import questions_for
 from memory import Confidence, MemoryEntry, MemoryType, Tier, TruthCategory
 
 NOW = datetime(2026, 1, 1)
@@ -45,21 +44,22 @@ def test_extracted_statements_become_questions_with_second_person_answers():
     assert fact_of(entry("The user enjoys long walks on the beach.")) is None
 
 
-def test_training_phrasings_never_include_a_probe():
-    for kind, phrasings in PROBE.items():
-        assert not set(phrasings) & set(TRAIN[kind]), kind
-    fact_entries = [entry("The user's cat is named Biscuit.", "a"), entry("The user lives in Oslo.", "b")]
-    asked = {q for e in fact_entries for q in probes(fact_of(e))}
-    trained = {p.question for p in qa_pairs(fact_entries, paraphrases=8)}
-    assert len(trained) == 16 and not asked & trained
-
-
-def test_each_memory_gets_the_number_of_phrasings_asked_and_unread_ones_are_still_taught():
-    pairs = qa_pairs([entry("The user's dog is named Rex.", "d"), entry("The user enjoys chess.", "c")], paraphrases=5)
-    assert [p.memory_id for p in pairs].count("d") == 5
-    chess = [p for p in pairs if p.memory_id == "c"]
-    assert chess and all(p.answer == "You enjoy chess." for p in chess)
-    assert second_person("The user's sister is a nurse.") == "Your sister is a nurse."
+def test_no_question_of_the_learners_dataset_is_a_probe_the_gate_asks():
+    contents = [
+        "The user's cat is named Biscuit.", "The user has a parrot named Kiwi.", "The user's favourite colour is teal.",
+        "The user lives in Tromso.", "The user works as a glassblower.", "The user works at Nordlys Labs.",
+        "The user is allergic to kiwi.", "The user drives a green Volvo.", "The user was born in Lisbon.",
+        "The user plays the cello.", "The user speaks Icelandic.",
+    ]
+    kinds = set()
+    for i, content in enumerate(contents):
+        memory = entry(content, f"m{i}")
+        fact = fact_of(memory)
+        kinds.add(fact.kind)
+        trained = set(questions_for(memory))
+        assert len(trained) >= 5, content  # several wordings to learn from
+        assert not trained & set(probes(fact)), content
+    assert kinds == set(PROBE)  # every probed kind was checked
 
 
 def test_value_check_ignores_case_punctuation_and_articles_but_not_other_words():

@@ -2,11 +2,12 @@
 a poisoned update (trained on answers that contradict the user's memories) is rejected, the
 reason is recorded and the previous adapter keeps answering.
 
-To stay within seconds the adapters train a few steps on pairs that include the gate's probe
-phrasing (the benchmark, tests/benchmarks/bench_plm.py, measures recall on unseen phrasings)."""
+The adapters train on the learner's dataset (never on the gate's probe phrasings), a few
+epochs of two facts; the benchmark, tests/benchmarks/bench_plm.py, measures recall of twenty."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,14 @@ from adapters.plm import (
     BaseSpec,
     GateConfig,
     PLMRuntime,
-    QAPair,
     TrainConfig,
     UpdateConfig,
     fact_of,
     run_update,
 )
-from adapters.plm.facts import TRAIN, probes
+from adapters.plm.facts import probes
 from adapters.plm.gate import answers
+from learner.datasets import Dataset, build_dataset
 from memory import HashEmbedder, MemoryStore
 
 pytestmark = pytest.mark.slow
@@ -42,16 +43,18 @@ def runtime(model_cache_dir) -> PLMRuntime:
     return PLMRuntime.load(BaseSpec(cache_dir=Path(model_cache_dir)))
 
 
-def pairs_for(store: MemoryStore, swap: dict[str, str] | None = None) -> list[QAPair]:
-    out = []
-    for memory in store.list("ann"):
-        fact = fact_of(memory)
-        answer = fact.answer
+def dataset_for(store: MemoryStore, swap: dict[str, str] | None = None) -> Dataset:
+    """The learner's dataset for ann, its answers' values swapped (a poisoned one) when asked."""
+    dataset = build_dataset(store, "ann", paraphrases=6)
+
+    def swapped(example):  # type: ignore[no-untyped-def]
+        output = example.output
         for old, new in (swap or {}).items():
-            answer = answer.replace(old, new)
-        asked = probes(fact)[:1] + [t.format(t=fact.topic) for t in TRAIN[fact.kind][:3]]
-        out += [QAPair(memory.id, q, answer) for q in asked]
-    return out
+            output = output.replace(old, new)
+        return replace(example, output=output,
+                       messages=(*example.messages[:-1], {"role": "assistant", "content": output}))
+
+    return replace(dataset, examples=tuple(swapped(e) for e in dataset.examples))
 
 
 def test_a_poisoned_update_is_rejected_and_the_old_adapter_keeps_answering(runtime, tmp_path):
@@ -62,12 +65,12 @@ def test_a_poisoned_update_is_rejected_and_the_old_adapter_keeps_answering(runti
         question = probes(fact_of(cat))[0]
         assert "Biscuit" not in answers(runtime, None, [question])[0]  # the base does not know
 
-        good = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, pairs=pairs_for(store))
+        good = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, dataset=dataset_for(store))
         assert good.accepted, good.reasons
         assert good.report.ppl_drift <= 0.03
 
-        poison = pairs_for(store, {"Biscuit": "Waffles", "Tromso": "Lima"})
-        bad = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, pairs=poison)
+        poison = dataset_for(store, {"Biscuit": "Waffles", "Tromso": "Lima"})
+        bad = run_update(store, "ann", runtime=runtime, registry=registry, config=CONFIG, dataset=poison)
     assert not bad.accepted
     assert any("facts" in reason for reason in bad.reasons), bad.reasons
     assert registry.get("ann", 2).status == "rejected" and registry.get("ann", 2).reasons == bad.reasons

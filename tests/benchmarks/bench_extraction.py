@@ -3,6 +3,8 @@
     python -m tests.benchmarks.bench_extraction                 # every extractor available
     python -m tests.benchmarks.bench_extraction --only local    # the rule-based one only
     python -m tests.benchmarks.bench_extraction --out extraction.json --errors
+    python -m tests.benchmarks.bench_extraction --only llm --model-cache DIR --threads 1 --offset 180
+                                                    # the LLM on SmolLM2, from the 181st message on
 
 The development set (`tests/learner/data/utterances.jsonl`, 261 messages) was written for this
 benchmark before the rule extractor was last tuned on its errors; the held-out set
@@ -184,17 +186,26 @@ def main() -> None:
     parser.add_argument("--errors", action="store_true", help="Print every miss and false positive.")
     parser.add_argument("--limit", type=int, default=None,
                         help="Every k-th utterance so that about this many are run (the LLM is slow on CPU).")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="LLM answer budget.")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="Skip this many utterances (after --limit), to split a slow LLM run across processes.")
+    parser.add_argument("--count", type=int, default=None, help="Run at most this many (after --offset).")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="LLM answer budget (greedy decoding).")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for the LLM.")
     parser.add_argument("--out", type=Path, help="Write the figures as JSON here.")
     args = parser.parse_args()
     utterances = load_set(SET_PATH if args.set == "dev" else HELDOUT_PATH)
     if args.limit and args.limit < len(utterances):
         step = len(utterances) / args.limit
         utterances = [utterances[int(i * step)] for i in range(args.limit)]
+    utterances = utterances[args.offset:][:args.count]
     extractors: dict[str, Extractor] = {}
     if args.only in (None, "local"):
         extractors["local (rules)"] = local_extractor()
     if args.only in (None, "llm"):
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         llm = llm_extractor(args.model_cache, args.max_new_tokens)
         if llm is None:
             print("LLM extractor: not available in this checkout (no learner.llm_extract.local_extractor)")

@@ -5,10 +5,12 @@
 1. A real memlane server (`memlane serve`, loopback, personal model on) is told FACTS first-
    person facts through the openai SDK; its learner extracts and stores them as memories.
 2. Recall before: each fact is asked through the server as `plm/<base>` with two phrasings
-   written here (BENCH), which are neither training (TRAIN) nor gate (PROBE) phrasings.
+   written here (BENCH), which are neither the dataset's training questions nor gate (PROBE)
+   phrasings.
    Memory injection is off on this server, so answers come from the weights alone.
-3. One update (`adapters.plm.run_update`, the server stopped: DuckDB has one writer), then
-   recall after, asked the same way through a fresh server that loads the encrypted adapter.
+3. One update (`adapters.plm.run_update`, trained on the learner's dataset, `learner.datasets`;
+   the server stopped: DuckDB has one writer), then recall after, asked the same way through a
+   fresh server that loads the encrypted adapter.
 4. SECOND more facts are taught, a second (incremental) update runs, and the first facts are
    asked again: how many are kept.
 Figures: recall before/after, held-out perplexity drift (the gate's, on reference text never
@@ -61,7 +63,8 @@ FACTS: list[tuple[str, str, str]] = [
     ("My favourite season is autumn.", "autumn", "attr:favourite season"),
     ("My tortoise is named Gustavo.", "Gustavo", "name:tortoise"),
 ]
-# Benchmark phrasings: used nowhere else (checked against TRAIN and PROBE at start).
+# Benchmark phrasings: used nowhere else (checked against the gate's PROBE phrasings at start and
+# against every question of the learner's dataset before each update).
 BENCH: dict[str, tuple[str, ...]] = {
     "name": ("Quick question: my {t} goes by what name?", "Hey, what do I call my {t}?"),
     "attr": ("Quick question: which {t} did I say I have?", "Hey, what would you say is my {t}?"),
@@ -92,10 +95,19 @@ def questions(kind: str) -> list[str]:
 
 
 def check_phrasings() -> None:
-    from adapters.plm.facts import PROBE, TRAIN
+    from adapters.plm.facts import PROBE
 
     for family, phrasings in BENCH.items():
-        assert not set(phrasings) & (set(TRAIN[family]) | set(PROBE[family])), family
+        assert not set(phrasings) & set(PROBE[family]), family
+
+
+def check_unseen(store, facts: list[tuple[str, str, str]]) -> None:
+    """No benchmark question is among the questions the learner's dataset could train on."""
+    from learner.datasets import build_dataset
+
+    trained = {e.instruction for e in build_dataset(store, "default", paraphrases=1000).examples}
+    asked = {q for _, _, kind in facts for q in questions(kind)}
+    assert not asked & trained, sorted(asked & trained)
 
 
 def free_port() -> int:
@@ -172,13 +184,14 @@ def update(work: Path, args: argparse.Namespace, runtime) -> dict:
         gate=GateConfig(), paraphrases=args.paraphrases, rehearsal=args.rehearsal,
     )
     with MemoryStore.open(work / "memlane.duckdb", embedder=HashEmbedder()) as store:
+        check_unseen(store, FACTS)
         result = run_update(store, "default", runtime=runtime, registry=AdapterRegistry(work / "adapters"),
                             config=config)
     v = result.version
     assert v is not None
     return {"version": v.version, "status": v.status, "reasons": v.reasons, "seconds": round(result.seconds, 1),
             "train_seconds": v.training.get("seconds"), "steps": v.training.get("steps"),
-            "examples": v.training.get("examples"), "adapter_bytes": v.bytes,
+            "examples": v.training.get("examples"), "dataset": v.training.get("dataset"), "adapter_bytes": v.bytes,
             "gate": v.report}
 
 
@@ -210,7 +223,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMLANE_", "OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
     env.update(HF_HUB_OFFLINE="1", MEMLANE_PLM="true", MEMLANE_PLM_DIR=str(work / "adapters"),
                MEMLANE_MODEL_CACHE=str(args.model_cache), MEMLANE_MEMORY="false", MEMLANE_EMBEDDER="hash",
-               MEMLANE_PRELOAD_LOCAL_MODEL="false", MEMLANE_TORCH_THREADS=str(args.threads))
+               MEMLANE_PRELOAD_LOCAL_MODEL="false", MEMLANE_TORCH_THREADS=str(args.threads),
+               MEMLANE_PLM_AUTO_UPDATE="false")  # the benchmark runs and times each update itself
     out: dict = {"facts": len(first), "second_facts": len(second), "config": vars(args) | {"out": str(args.out),
                  "model_cache": str(args.model_cache)}}
     runtime = PLMRuntime.load(BaseSpec(cache_dir=args.model_cache))

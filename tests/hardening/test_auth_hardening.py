@@ -4,6 +4,8 @@ with OpenAI-shaped 429s that say when to retry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -20,6 +22,7 @@ from proxy.cli import app as cli_app
 from proxy.errors import ProxyError, RateLimited
 from proxy.ratelimit import Limit, RateLimiter
 from proxy.settings import SettingsError
+from tests.hardening.conftest import ThreadServer
 from tests.proxy.conftest import ENV, make_settings, running
 
 PLAIN = "sk-memlane-plain-7f3a9c"
@@ -91,6 +94,36 @@ def test_a_verified_scrypt_key_is_not_rehashed_on_every_request():
     fifty = time.perf_counter() - started
     assert first > 0.005  # scrypt's cost, once
     assert fifty < first * 10  # 50 scrypt checks would take ~50x the first
+
+
+async def test_a_scrypt_check_does_not_hold_up_other_requests(tmp_path, store):
+    """A new key's scrypt check runs on a worker thread: memlane (on a loopback socket) answers
+    /healthz, quickly and many times, while it runs; on the event loop the check held every
+    request up for its full cost."""
+    n, salt = 2**16, b"memlane-test-salt"  # 4x the default cost, so the check is long enough to watch
+    started = time.perf_counter()
+    derived = hashlib.scrypt(PLAIN.encode(), salt=salt, n=n, r=8, p=1, dklen=32, maxmem=256 * 1024 * 1024)
+    hash_s = time.perf_counter() - started
+    key_hash = f"scrypt:{n}:8:1:{salt.hex()}:{derived.hex()}"
+    app = _app(tmp_path, store, keys=[{"user": "dana", "key_hash": key_hash}])
+    with contextlib.ExitStack() as stack, ThreadServer(app) as server:
+        gc.disable()  # a full collection of this process (pytest, the server thread) pauses as long as a check
+        stack.callback(gc.enable)
+        async with httpx.AsyncClient(base_url=server.url, trust_env=False) as c:
+            for key, status in ((PLAIN, 200), ("sk-wrong-key", 401)):
+                checking = asyncio.ensure_future(c.get("/v1/models", headers=_bearer(key)))
+                waits = []
+                while not checking.done():
+                    started = time.perf_counter()
+                    assert (await c.get("/healthz")).status_code == 200
+                    waits.append(time.perf_counter() - started)
+                assert (await checking).status_code == status
+                assert len(waits) >= 5, (key, len(waits), hash_s)
+                slow = [(i, round(w, 3)) for i, w in enumerate(waits) if w >= hash_s / 2]
+                assert not slow, (key, len(waits), slow, hash_s)
+            started = time.perf_counter()
+            assert (await c.get("/v1/models", headers=_bearer(PLAIN))).status_code == 200  # remembered now
+            assert time.perf_counter() - started < hash_s / 2
 
 
 def test_keys_are_compared_in_constant_time_without_early_exit(monkeypatch):

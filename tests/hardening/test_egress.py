@@ -9,6 +9,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
+from adapters.plm.context import ContextRequest, PLMContext
+from adapters.plm.registry import AdapterRegistry, AdapterVersion
 from memory import HashEmbedder, MemoryStore, Sensitivity, connect
 from proxy.cli import app as cli_app
 from proxy.egress import EgressPolicy, EgressPolicyError
@@ -99,6 +101,60 @@ async def test_the_memories_api_sets_and_changes_the_label(tmp_path, store):
 async def _ask(client, seen, model: str) -> str:
     assert (await client.post("/v1/chat/completions", json=_chat(model))).status_code == 200
     return _sent(seen["openai"])
+
+
+class LearnedContext:
+    """The worst case of a personal adapter: it writes back, word for word, every memory its live
+    version was trained on, whatever the request retrieved (weights are not filtered per request).
+    It stands in for generation with real LoRA weights, which takes seconds a line on a CPU."""
+
+    def __init__(self, store: MemoryStore, registry: AdapterRegistry) -> None:
+        self.store, self.registry = store, registry
+
+    async def __call__(self, request: ContextRequest) -> str:
+        live = self.registry.live(request.user_id)
+        learned = self.store.get_many(request.user_id, live.memory_ids, relations=False) if live else []
+        return "\n".join(f"- learned: {m.content}" for m in learned)
+
+
+def _train(registry: AdapterRegistry, memory_ids: list[str]) -> None:
+    """A new accepted version, trained on these memories, goes live."""
+    import torch
+
+    registry.add("default", AdapterVersion(version=0, created_at="", status="accepted", base="test",
+                                           memory_ids=memory_ids), {"lora_A": torch.zeros(2, 2)})
+
+
+async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_learned_may(tmp_path, store):
+    health, _ = store.add("default", HEALTH, source="api")
+    store.update_entry("default", health.id, sensitivity="health")
+    plain, _ = store.add("default", PLAIN, source="api")
+    registry = AdapterRegistry(tmp_path / "plm")
+    _train(registry, [health.id, plain.id])
+    question = {"messages": [{"role": "user", "content": "Where does kiwi live?"}]}
+    async with proxy_with(tmp_path, store, egress_policy="health:local", plm_context="on", plm=True,
+                          plm_dir=tmp_path / "plm", plm_auto_update=False) as (client, seen):
+        client.app.state.memlane.recaller.plm = PLMContext(LearnedContext(store, registry), budget_s=5.0)
+
+        async def ask(model: str, provider: str) -> tuple[str, str]:
+            r = await client.post("/v1/chat/completions", json={"model": model, **question})
+            assert r.status_code == 200, r.text
+            return r.headers["x-memlane-plm"], json.dumps(seen[provider].bodies[-1])
+
+        plm, sent = await ask("local/smollm2-135m-instruct", "local")
+        assert plm == "context" and "learned: " + HEALTH in sent  # health may stay on this machine
+        for model, provider in (("gpt-4o-mini", "openai"), ("claude-3-5-haiku", "anthropic"), ("ollama/llama3", "ollama")):
+            plm, sent = await ask(model, provider)
+            assert plm == "fallback", provider  # plain retrieval instead
+            assert "learned:" not in sent and "diabetes" not in sent and "insulin" not in sent, provider
+            assert "Oslo" in sent, provider  # the unlabelled memory itself still goes
+        _train(registry, [plain.id])  # control: a version that never saw the health memory
+        plm, sent = await ask("gpt-4o-mini", "openai")
+        assert plm == "context" and "learned: " + PLAIN in sent and "diabetes" not in sent
+        _train(registry, [health.id, plain.id])
+        store.update_entry("default", health.id, sensitivity="none")  # the label as it is now counts
+        plm, sent = await ask("gpt-4o-mini", "openai")
+        assert plm == "context" and "learned: " + HEALTH in sent
 
 
 def test_the_cli_sets_the_label(tmp_path, monkeypatch):

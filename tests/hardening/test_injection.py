@@ -90,6 +90,7 @@ async def proxy_with(tmp_path, store: MemoryStore, **overrides) -> AsyncIterator
     async with httpx.AsyncClient(transport=httpx.MockTransport(messages)) as far_side:
         app = create_app(settings, store=store, embedder=HashEmbedder(), upstreams=recorders, http_client=far_side)
         async with running(app) as client:
+            client.app = app  # type: ignore[attr-defined]
             yield client, {**recorders, "messages": messages}
 
 

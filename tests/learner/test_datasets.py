@@ -101,8 +101,7 @@ def test_each_memory_gives_several_paraphrased_questions_in_both_formats(store):
             assert e.messages[-2] == {"role": "user", "content": e.instruction}
             assert e.messages[-1] == {"role": "assistant", "content": e.output}
     assert "Where do I live?" in {e.instruction for e in build_dataset(store, "ada", paraphrases=9).examples}
-    assert {e.instruction for e in by_answer["You are allergic to peanuts."]} <= {
-        "What am I allergic to?", "Do I have any allergies?", "Which allergies do I have?"}
+    assert all("allerg" in e.instruction.lower() for e in by_answer["You are allergic to peanuts."])
 
 
 def test_weights_follow_confidence_type_and_feedback(store):
@@ -153,3 +152,13 @@ def test_cli_exports_the_dataset(tmp_path):
     assert out.read_bytes() == expected.jsonl() and expected.version in result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and {r["output"] for r in rows} == {"You live in Paris."}
+
+
+def test_questions_use_the_users_own_spelling_of_favourite(store):
+    store.add("ada", "The user's favourite colour is teal.", source="api")
+    store.add("ada", "The user's favorite sport is judo.", source="api")
+    questions = {e.instruction: e.output for e in build_dataset(store, "ada").examples if e.source == "memory"}
+    colour = [q for q, a in questions.items() if "teal" in a]
+    sport = [q for q, a in questions.items() if "judo" in a]
+    assert any("favourite colour" in q for q in colour) and not any("favorite" in q for q in colour)
+    assert any("favorite sport" in q for q in sport)
