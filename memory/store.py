@@ -394,12 +394,12 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
     def add_source(self, user_id: str, memory_id: str, source: MemorySource) -> None:
         with self._write_lock:
             self._insert_sources(self._writable_cursor(), user_id, memory_id, [source])
-            self._user_changed(user_id)
+            self._entries_changed(user_id)
 
     def add_links(self, user_id: str, links: Iterable[Link]) -> None:
         with self._write_lock:
             self._insert_links(self._writable_cursor(), user_id, links)
-            self._user_changed(user_id)
+            self._entries_changed(user_id)
 
     def update_entry(self, user_id: str, memory_id: str, **changes: Any) -> bool:
         """Set columns of one of the user's memories; False if there is no such memory."""
@@ -413,15 +413,24 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         values = [list(v) if isinstance(v, tuple) else v for v in values]
         assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._write_lock:
-            rows = self._writable_cursor().execute(
-                f"UPDATE memories SET {assignments} WHERE id = ? AND user_id = ? RETURNING id",
-                [*values, memory_id, user_id],
-            ).fetchall()
+            cursor = self._writable_cursor()
+            # By primary key, the owner checked first: `AND user_id = ?` in the UPDATE made it a
+            # scan of the user's rows (7 ms against 2 ms at 10k; maintenance updates thousands).
+            owner = cursor.execute("SELECT user_id FROM memories WHERE id = ?", [memory_id]).fetchone()
+            if owner is None or owner[0] != user_id:
+                return False
+            cursor.execute(f"UPDATE memories SET {assignments} WHERE id = ?", [*values, memory_id])
             if "content" in changes:
                 self._text_index_stale = True
-            if rows:
-                self._user_changed(user_id)
-        return bool(rows)
+            self._entries_changed(user_id)
+        return True
+
+    def _entries_changed(self, user_id: str) -> None:
+        """A write to the user's rows that leaves their vectors alone: drop their view (again
+        after the commit when inside `transaction()`)."""
+        self._views.invalidate(user_id)
+        if getattr(self._local, "in_transaction", False):
+            self._local.written.add(user_id)
 
     def replace_vector(self, user_id: str, memory_id: str, embedding: np.ndarray) -> None:
         """New embedding for an edited memory: a delete and an insert, never an UPDATE."""

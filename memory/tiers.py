@@ -106,6 +106,21 @@ def run_maintenance(store: MemoryStore) -> MaintenanceReport:
     report = MaintenanceReport()
     expired: dict[str, list[str]] = {}
     forgotten: dict[str, list[str]] = {}
+    # One transaction for the pass: thousands of single-row updates otherwise commit one by one.
+    with store.transaction():
+        _promote_and_decay(store, policy, now, report, expired, forgotten)
+    for user_id, ids in expired.items():
+        report.expired += len(store.delete_entries(user_id, ids))
+    for user_id, ids in forgotten.items():
+        report.forgotten += len(store.delete_entries(user_id, ids))
+    log.info("maintenance_done", promoted=sum(report.promoted.values()), expired=report.expired,
+             decayed=report.decayed, forgotten=report.forgotten)
+    return report
+
+
+def _promote_and_decay(store: MemoryStore, policy: TierPolicy, now: datetime, report: MaintenanceReport,
+                       expired: dict[str, list[str]], forgotten: dict[str, list[str]]) -> None:
+    """Promote and decay in place; collect what expired or is to be forgotten."""
     for entry in store.entries_where("valid_to IS NULL"):
         tier = entry.tier
         since = store.identity_since(entry.id) if "identity" in entry.tags else None
@@ -129,11 +144,3 @@ def run_maintenance(store: MemoryStore) -> MaintenanceReport:
             continue
         if changes:
             store.update_entry(entry.user_id, entry.id, **changes)
-    for user_id, ids in expired.items():
-        report.expired += len(store.delete_entries(user_id, ids))
-    for user_id, ids in forgotten.items():
-        report.forgotten += len(store.delete_entries(user_id, ids))
-    log.info("maintenance_done", promoted=sum(report.promoted.values()), expired=report.expired,
-             decayed=report.decayed, forgotten=report.forgotten)
-    return report
-

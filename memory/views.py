@@ -16,6 +16,7 @@ batches (`memory.access`), are patched into the view rather than dropping it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -26,10 +27,11 @@ import duckdb
 from memory.entry import MemoryEntry
 from memory.rows import ENTRY_COLUMNS, Link, entry_from_row
 
-__all__ = ["VIEW_CACHE_MAX_ROWS", "VIEW_MAX_ROWS", "UserView", "ViewCache", "load_view"]
+__all__ = ["VIEW_CACHE_MAX_ROWS", "VIEW_MAX_ROWS", "VIEW_SETTLE_S", "UserView", "ViewCache", "load_view"]
 
 VIEW_MAX_ROWS = 16_384  # users up to this many memories (history included) get a view
 VIEW_CACHE_MAX_ROWS = 65_536  # memories held in all views together (about 2.5 KB each)
+VIEW_SETTLE_S = 2.0  # no build until the user's memories have been left alone this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +118,13 @@ class ViewCache:
     `generation(user)` is read before a build and passed to `install`, which refuses the view
     if the user's memories changed in between (`invalidate` bumps the generation)."""
 
-    def __init__(self, max_rows: int = VIEW_CACHE_MAX_ROWS) -> None:
+    def __init__(self, max_rows: int = VIEW_CACHE_MAX_ROWS, settle_s: float = VIEW_SETTLE_S) -> None:
         self.max_rows = max_rows
+        self.settle_s = settle_s
         self._views: OrderedDict[str, UserView] = OrderedDict()
         self._generations: dict[str, int] = {}
         self._building: set[str] = set()
+        self._changed_at: dict[str, float] = {}  # user id -> time.monotonic() of the last write
         self._epoch = 0  # bumped by invalidate(None): every generation read before is stale
         self._lock = threading.Lock()
 
@@ -136,9 +140,13 @@ class ViewCache:
             return self._epoch, self._generations.get(user_id, 0)
 
     def claim(self, user_id: str) -> bool:
-        """True if nobody is building this user's view (the caller now is)."""
+        """True if nobody is building this user's view (the caller now is) and the user's
+        memories have not changed in the last `settle_s`: while a user is being written
+        (maintenance, an import) every build would be thrown away, so reads go to DuckDB."""
         with self._lock:
             if user_id in self._building or user_id in self._views:
+                return False
+            if time.monotonic() - self._changed_at.get(user_id, float("-inf")) < self.settle_s:
                 return False
             self._building.add(user_id)
             return True
@@ -167,6 +175,7 @@ class ViewCache:
             else:
                 self._generations[user_id] = self._generations.get(user_id, 0) + 1
                 self._views.pop(user_id, None)
+                self._changed_at[user_id] = time.monotonic()
 
     def patch_access(self, counts: Iterable[tuple[str, dict[str, int]]], at: datetime) -> None:
         """Apply retrievals just written to the database to the views that hold them."""

@@ -28,6 +28,7 @@ def fill(store: MemoryStore, user: str = "ada") -> list[str]:
 
 def with_view(store: MemoryStore, user: str = "ada"):
     """Ask once (which starts the build), wait for the background thread, return the view."""
+    store._views.settle_s = 0.0  # build at once after a write (the store waits 2 s by default)
     store.user_signature(user)
     store.flush()
     view = store._views.get(user)
@@ -137,3 +138,26 @@ def test_pending_retrievals_are_written_without_a_flush(store):
     while store.get("ada", entry.id).access_count == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.get("ada", entry.id).access_count == 1
+
+
+def test_no_view_is_built_while_a_user_is_being_written(store):
+    ids = fill(store)
+    store._views.settle_s = 60.0
+    store.update_entry("ada", ids[0], importance=0.3)
+    store.user_signature("ada")
+    store.flush()
+    assert store._views.get("ada") is None  # reads go to DuckDB until the writes settle
+    assert store.get_many("ada", [ids[0]], relations=False)[0].importance == 0.3
+
+
+def test_maintenance_updates_in_one_transaction_and_leaves_no_stale_view(store, clock):
+    from datetime import timedelta
+
+    ids = fill(store)
+    with_view(store)
+    clock_now = store.clock.now()
+    store.clock.now = lambda: clock_now + timedelta(days=40)  # type: ignore[method-assign]
+    report = store.maintain()
+    assert report.decayed >= len(ids) - 1
+    fresh = with_view(store)
+    assert all(fresh.entries[i].confidence.recency < 0.9 for i in ids if i in fresh.entries)
