@@ -425,6 +425,20 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             self._entries_changed(user_id)
         return True
 
+    def set_recency(self, factors: dict[str, float]) -> None:
+        """New recency factors (memory id -> factor) for many memories, in one UPDATE."""
+        if not factors:
+            return
+        with self._write_lock:
+            cursor = self._writable_cursor()
+            users = cursor.execute(
+                "UPDATE memories SET recency = a.r FROM (SELECT unnest($1::VARCHAR[]) AS id, "
+                "unnest($2::DOUBLE[]) AS r) AS a WHERE memories.id = a.id RETURNING memories.user_id",
+                [list(factors), list(factors.values())],
+            ).fetchall()
+            for user_id in {u for (u,) in users}:
+                self._entries_changed(user_id)
+
     def _entries_changed(self, user_id: str) -> None:
         """A write to the user's rows that leaves their vectors alone: drop their view (again
         after the commit when inside `transaction()`)."""
