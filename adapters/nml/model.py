@@ -56,6 +56,7 @@ class NMLConfig:
     em_dim: int = 128  # key/value width of episodic items
     em_writes_per_span: int = 8  # most EM items one boundary can write (the gate picks fewer)
     max_decay: float = 0.2  # upper bound of the neuromodulated strength decay per boundary
+    pm_min_strength: float = 0.5  # lower bound of a PM commit's write strength (see PMNeuromodulator)
     neuromod_hidden: int = 64  # width of the neuromodulator MLPs
     pm_enabled: bool = True  # build procedural memory
     em_enabled: bool = True  # build episodic memory
@@ -69,6 +70,8 @@ class NMLConfig:
             raise ValueError("d_model must be divisible by n_heads")
         if not 1 <= self.pm_topk <= self.pm_slots:
             raise ValueError("pm_topk must be in [1, pm_slots]")
+        if not 0 <= self.pm_min_strength <= 1:
+            raise ValueError("pm_min_strength must be in [0, 1]")
         if not 1 <= self.em_topk <= self.em_items:
             raise ValueError("em_topk must be in [1, em_items]")
 
@@ -156,7 +159,14 @@ def read_slots(
 
 class PMNeuromodulator(nn.Module):
     """Per PM instance: from the eligibility traces, the span and the slots, decides whether to
-    commit (probability), how strongly, how much the slots decay, and which slots to write."""
+    commit (probability), how strongly, how much the slots decay, and which slots to write.
+
+    The write strength is bounded below by ``pm_min_strength``: a commit is a real write. With
+    strengths free down to 0 the controller learnt (on the assoc benchmark) to skip filler
+    boundaries by committing at strength ~0.03 with the gate left near 0.5: "no write" was
+    invisible to the commit count and to its cost, and the gate opened on 13-25% of filler
+    boundaries at eval. Now the only way not to write is to close the gate, which is what the
+    commit cost charges for."""
 
     def __init__(self, cfg: NMLConfig) -> None:
         super().__init__()
@@ -165,8 +175,9 @@ class PMNeuromodulator(nn.Module):
             nn.Linear(2 * dp + cfg.d_model + 2 * r, cfg.neuromod_hidden), nn.GELU(),
             nn.Linear(cfg.neuromod_hidden, 3 + r),
         )
-        self.sim_weight = nn.Parameter(torch.tensor(4.0))  # prefer the slot already holding this key
+        self.match_weight = nn.Parameter(torch.tensor(4.0))  # prefer the slot already holding this key
         self.weak_weight = nn.Parameter(torch.tensor(4.0))  # ... else the weakest slot
+        self.min_strength = cfg.pm_min_strength
         self.reset_biases()
 
     def reset_biases(self) -> None:
@@ -176,13 +187,14 @@ class PMNeuromodulator(nn.Module):
 
     def forward(
         self, ek: torch.Tensor, ev: torch.Tensor, summary: torch.Tensor, strength: torch.Tensor,
-        sim: torch.Tensor,
+        match: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ek, ev: (B, Dp); summary: (B, D); strength, sim: (B, r) ->
+        """ek, ev: (B, Dp); summary: (B, D); strength, match: (B, r) ->
         commit prob (B,), write strength (B,), decay logit (B,), slot logits (B, r)."""
-        out = self.mlp(torch.cat([ek, ev, summary, strength, sim], dim=-1).float())  # (B, 3 + r)
-        slot_logits = out[:, 3:] + self.sim_weight * sim - self.weak_weight * strength  # (B, r)
-        return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1]), out[:, 2], slot_logits
+        out = self.mlp(torch.cat([ek, ev, summary, strength, match], dim=-1).float())  # (B, 3 + r)
+        slot_logits = out[:, 3:] + self.match_weight * match - self.weak_weight * strength  # (B, r)
+        alpha = self.min_strength + (1 - self.min_strength) * torch.sigmoid(out[:, 1])  # (B,)
+        return torch.sigmoid(out[:, 0]), alpha, out[:, 2], slot_logits
 
 
 class ProceduralMemory(nn.Module):
@@ -228,10 +240,20 @@ class ProceduralMemory(nn.Module):
         ev = scan(rho, (1 - rho) * cv, state[p + "pm_ev"])  # (B, T, Dp)
         return ek, ev
 
+    def match(self, ek: torch.Tensor, k: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """How much each slot would answer the trace's key if it were read now: the read's own
+        attention (beta-sharp, strength prior, null entry). Raw cosine similarity is not enough to
+        choose the slot to update: trace keys share a component (a new pair's largest cosine to
+        the unrelated stored keys was 0.75-0.83 on the assoc benchmark), so a new pair was drawn
+        onto a slot holding another pair and erased it.
+        ek: (B, Dp); k: (B, r, Dp); s: (B, r) -> (B, r) in [0, 1]."""
+        logits = self.beta * torch.einsum("brd,bd->br", unit(k), unit(ek)) + torch.log(s + 1e-6)  # (B, r)
+        logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=-1)  # (B, r + 1): null
+        return torch.softmax(logits, dim=-1)[:, :-1]
+
     def commit(self, ek, ev, summary, k, v, s, step: Step):
         """One boundary: returns the new (k, v, s). ek, ev: (B, Dp); k, v: (B, r, Dp); s: (B, r)."""
-        sim = torch.einsum("brd,bd->br", unit(k), unit(ek))  # (B, r)
-        commit, alpha, decay_logit, slot_logits = self.neuromod(ek, ev, summary, s, sim)
+        commit, alpha, decay_logit, slot_logits = self.neuromod(ek, ev, summary, s, self.match(ek, k, s))
         step.add("pm_commit_prob", commit.sum())
         gate = straight_through(commit, self.training) if self.cfg.use_commit_gate else torch.ones_like(commit)
         step.add("pm_commits", gate.detach().sum())

@@ -108,6 +108,28 @@ def test_without_commit_gate_every_boundary_commits():
     assert "pm_commits" not in plastic_off and "em_writes" not in plastic_off
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("min_strength", [0.5, 0.0])
+def test_an_open_pm_commit_writes_at_least_the_minimum_strength(min_strength):
+    torch.manual_seed(0)
+    model = NMLModel(tiny(pm_min_strength=min_strength, em_enabled=False)).eval()
+    for block in model.blocks:
+        for layer in block.layers:  # gate wide open, write strength pushed to its floor
+            layer.pm.neuromod.mlp[-1].bias[:2].copy_(torch.tensor([20.0, -20.0]))
+    state = model(tokens(2, 8)).state  # one boundary from empty slots
+    written = state["b0.l0.pm_s"].sum(dim=-1)  # the slot weights of one commit sum to 1
+    assert torch.allclose(written, torch.full((2,), min_strength), atol=1e-4)
+
+
+def test_a_commit_matches_the_slot_that_holds_its_key_not_merely_a_similar_one():
+    torch.manual_seed(0)
+    pm = NMLModel(tiny()).blocks[0].layers[0].pm
+    e, f = torch.eye(16)[0], torch.eye(16)[1]
+    keys = torch.stack([0.8 * e + 0.6 * f, f, e, torch.zeros(16)]).unsqueeze(0)  # cosines 0.8, 0, 1, -
+    match = pm.match(e.unsqueeze(0), keys, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert match[0, 2] > 0.99 and match[0, 0] < 0.01 and match[0, 3] < 1e-3
+
+
 def test_gradients_reach_the_neuromodulators_through_the_lm_loss():
     torch.manual_seed(0)
     model = NMLModel(tiny(plasticity_span=4))
