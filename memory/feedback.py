@@ -86,6 +86,25 @@ class FeedbackLog:
             doc[name] = json.loads(doc[name]) if doc[name] is not None else None
         return doc
 
+    def conversation_labels(self, user_id: str, request_ids: Sequence[str]) -> set[str]:
+        """Sensitivity labels of every memory (history included) learned from these requests
+        or from any turn of their conversations: what a model distilled from those logged
+        conversations may have picked up (a turn carries the conversation before it)."""
+        if not request_ids:
+            return set()
+        rows = self._cursor().execute(
+            """
+            SELECT DISTINCT m.sensitivity FROM memory_sources AS s
+            JOIN memories AS m ON m.id = s.memory_id
+            WHERE s.user_id = $1 AND (list_contains($2, s.ref) OR s.conversation_id IN (
+                SELECT conversation_id FROM interactions
+                WHERE user_id = $1 AND list_contains($2, request_id) AND conversation_id IS NOT NULL
+            ))
+            """,
+            [user_id, list(request_ids)],
+        ).fetchall()
+        return {str(label) for (label,) in rows}
+
     def memories_from_request(self, user_id: str, request_id: str) -> list[str]:
         """Ids of current memories that a request's user turn gave or corroborated."""
         rows = self._cursor().execute(

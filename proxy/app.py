@@ -40,7 +40,7 @@ from proxy import routes
 from proxy.adapters_api import list_adapters
 from proxy.auth import KeyCheckMiddleware, KeyRing
 from proxy.chat import chat_completions
-from proxy.egress import EgressPolicy
+from proxy.egress import AdapterTraining, EgressPolicy
 from proxy.errors import NotFound, ProxyError, anthropic_error_response, error_response
 from proxy.feedback_api import feedback_routes
 from proxy.interactions_api import list_interactions
@@ -228,15 +228,15 @@ def _plm_context(settings: Settings, model: Any) -> Any:
 
 
 def _adapter_memories(personal: Any) -> Any:
-    """user id -> the memory ids the user's live adapter was trained on (the egress policy's
-    check on the personal model's context); None without personal adapters."""
+    """user id -> what the user's live adapter was trained on (the egress policy's check on the
+    personal model's context); None without personal adapters."""
     registry = getattr(personal, "registry", None)
     if registry is None:
         return None
 
-    def trained_on(user_id: str) -> list[str] | None:
+    def trained_on(user_id: str) -> AdapterTraining | None:
         live = registry.live(user_id)
-        return live.memory_ids if live is not None else None
+        return AdapterTraining(live.memory_ids, live.teacher_requests) if live is not None else None
 
     return trained_on
 

@@ -13,7 +13,10 @@ The personal model's context (``plm_context``) is written by the user's live ada
 weights may carry any memory it was trained on, whatever the request retrieved. So that context
 may reach a provider only if every memory the live version was trained on may, by its label now
 (``adapter_may_reach``); otherwise the request goes on with plain retrieval. A memory the store
-no longer has (or never had) counts as one that may go nowhere: its label is unknown.
+no longer has (or never had) counts as one that may go nowhere: its label is unknown. The same
+holds for the logged conversations the adapter distilled (teacher answers): each carries the
+labels of the memories learned in it, so a health fact said in a chat and stored as a health
+memory keeps an adapter that distilled that chat away from a provider health may not reach.
 """
 
 from __future__ import annotations
@@ -76,14 +79,28 @@ class EgressPolicy:
         return [m for m in memories if self.permits(_label(m), provider)]
 
 
-def adapter_may_reach(policy: EgressPolicy, provider: str, trained_on: Sequence[str], memories: Iterable[object]) -> bool:
+@dataclass(frozen=True, slots=True)
+class AdapterTraining:
+    """What a live adapter version learned from: memories, and logged interactions (teacher
+    answers, by request id) whose conversations it distilled."""
+
+    memory_ids: Sequence[str] = ()
+    teacher_requests: Sequence[str] = ()
+
+
+def adapter_may_reach(
+    policy: EgressPolicy, provider: str, trained_on: Sequence[str], memories: Iterable[object],
+    conversation_labels: Iterable[str] = (),
+) -> bool:
     """Whether text from an adapter trained on the memories ``trained_on`` may go to ``provider``.
 
     ``memories``: those of ``trained_on`` the store still holds (anything with ``id`` and
     ``sensitivity``), with their labels as they are now, so relabelling a memory counts at once.
+    ``conversation_labels``: the labels of the memories learned in the conversations it distilled.
     """
     found = {getattr(m, "id", None): m for m in memories}
-    return all(i in found and policy.permits(_label(found[i]), provider) for i in trained_on)
+    return all(i in found and policy.permits(_label(found[i]), provider) for i in trained_on) \
+        and all(policy.permits(label, provider) for label in conversation_labels)
 
 
 def _names(part: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from memory import BatchingEmbedder, MemoryStore, candidate_count
-from proxy.egress import EgressPolicy, adapter_may_reach
+from proxy.egress import AdapterTraining, EgressPolicy, adapter_may_reach
 from proxy.enrich import inject, latest_user_text
 from proxy.metrics import Metrics
 
@@ -62,8 +62,8 @@ class Recaller:
         egress: EgressPolicy | None = None,  # which sensitivity labels may reach which providers
         preloaded: PreloadCache | None = None,  # the learner's preloaded contexts (one per process)
         preload: str = "fallback",  # memory_preload: "off" | "fallback" | "serve"
-        # user id -> the memory ids their live adapter was trained on (None: no adapter)
-        trained_on: Callable[[str], Sequence[str] | None] | None = None,
+        # user id -> what their live adapter was trained on (None: no adapter)
+        trained_on: Callable[[str], AdapterTraining | None] | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
@@ -114,22 +114,25 @@ class Recaller:
         return Recall(sent, used, "on", plm="fallback" if withheld else context.path if context else "off")
 
     async def _adapter_may_reach(self, user_id: str, provider: str) -> bool:
-        """Whether the user's live adapter learned only memories that may reach `provider`."""
+        """Whether the user's live adapter learned only memories (stored, or said in the
+        conversations it distilled) that may reach `provider`."""
         store, trained_on = self.store, self.trained_on
         if self.egress is None or trained_on is None or store is None:
             return True
 
-        def lookup() -> tuple[Sequence[str], list]:  # the registry file and the store, off the loop
-            ids = trained_on(user_id) or ()
-            return ids, store.get_many(user_id, ids, relations=False) if ids else []
+        def lookup() -> tuple[Sequence[str], list, set[str]]:  # the registry file and the store, off the loop
+            trained = trained_on(user_id) or AdapterTraining()
+            ids = trained.memory_ids
+            held = store.get_many(user_id, ids, relations=False) if ids else []
+            return ids, held, store.conversation_labels(user_id, trained.teacher_requests)
 
         try:
-            ids, held = await asyncio.to_thread(lookup)
+            ids, held, said = await asyncio.to_thread(lookup)
         except Exception as exc:  # labels unknown: keep the context here
             log.warning("plm_context_labels_failed", error=type(exc).__name__)
             return False
         # No adapter: the base model writes from the permitted memories it is given.
-        if adapter_may_reach(self.egress, provider, ids, held):
+        if adapter_may_reach(self.egress, provider, ids, held, said):
             return True
         log.info("plm_context_withheld", provider=provider, reason="egress_policy")
         return False

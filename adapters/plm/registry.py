@@ -66,6 +66,7 @@ class AdapterVersion:
     training: dict[str, Any] = field(default_factory=dict)  # config, steps, seconds, examples
     lora: dict[str, Any] = field(default_factory=dict)
     bytes: int = 0  # size of the sealed file; 0 when not kept
+    teacher_requests: list[str] = field(default_factory=list)  # logged interactions it distilled
 
     @property
     def usable(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +13,8 @@ from typer.testing import CliRunner
 from adapters.plm.context import ContextRequest, PLMContext
 from adapters.plm.registry import AdapterRegistry, AdapterVersion
 from memory import HashEmbedder, MemoryStore, Sensitivity, connect
+from memory.entry import MemorySource
+from memory.interactions import InteractionRecord
 from proxy.cli import app as cli_app
 from proxy.egress import EgressPolicy, EgressPolicyError
 from proxy.settings import Settings, SettingsError
@@ -105,24 +108,46 @@ async def _ask(client, seen, model: str) -> str:
 
 class LearnedContext:
     """The worst case of a personal adapter: it writes back, word for word, every memory its live
-    version was trained on, whatever the request retrieved (weights are not filtered per request).
-    It stands in for generation with real LoRA weights, which takes seconds a line on a CPU."""
+    version was trained on and every user turn of the logged conversations it distilled, whatever
+    the request retrieved (weights are not filtered per request). It stands in for generation
+    with real LoRA weights, which takes seconds a line on a CPU."""
 
     def __init__(self, store: MemoryStore, registry: AdapterRegistry) -> None:
         self.store, self.registry = store, registry
 
     async def __call__(self, request: ContextRequest) -> str:
         live = self.registry.live(request.user_id)
-        learned = self.store.get_many(request.user_id, live.memory_ids, relations=False) if live else []
-        return "\n".join(f"- learned: {m.content}" for m in learned)
+        if live is None:
+            return ""
+        learned = [m.content for m in self.store.get_many(request.user_id, live.memory_ids, relations=False)]
+        for row in self.store.interactions(user_id=request.user_id, limit=1000):
+            if row["request_id"] in live.teacher_requests:
+                learned += [m["content"] for m in row["request_received"]["messages"] if m["role"] == "user"]
+        return "\n".join(f"- learned: {text}" for text in learned)
 
 
-def _train(registry: AdapterRegistry, memory_ids: list[str]) -> None:
-    """A new accepted version, trained on these memories, goes live."""
+def _train(registry: AdapterRegistry, memory_ids: list[str], teacher_requests: tuple[str, ...] = ()) -> None:
+    """A new accepted version, trained on these memories and logged answers, goes live."""
     import torch
 
     registry.add("default", AdapterVersion(version=0, created_at="", status="accepted", base="test",
-                                           memory_ids=memory_ids), {"lora_A": torch.zeros(2, 2)})
+                                           memory_ids=memory_ids, teacher_requests=list(teacher_requests)),
+                 {"lora_A": torch.zeros(2, 2)})
+
+
+def _log_turns(store: MemoryStore, conversation: str, turns: list[tuple[str, str]]) -> None:
+    """A logged conversation answered by OpenAI: each (request id, user turn) with its history."""
+    history: list[dict] = []
+    for request_id, text in turns:
+        history = [*history, {"role": "user", "content": text}]
+        body = {"model": "gpt-4o-mini", "messages": history}
+        store.log_interactions([InteractionRecord(
+            request_id=request_id, user_id="default", created_at=datetime(2026, 3, 1), model="gpt-4o-mini",
+            provider="openai", stream=False, status_code=200, error=None, request_received=body,
+            request_sent=body, response={"content": "Noted."}, usage=None, latency_ms=1.0, ttft_ms=None,
+            conversation_id=conversation,
+        )])
+        history = [*history, {"role": "assistant", "content": "Noted."}]
 
 
 async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_learned_may(tmp_path, store):
@@ -155,6 +180,40 @@ async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_lea
         store.update_entry("default", health.id, sensitivity="none")  # the label as it is now counts
         plm, sent = await ask("gpt-4o-mini", "openai")
         assert plm == "context" and "learned: " + HEALTH in sent
+
+
+async def test_an_adapter_that_distilled_a_chat_holding_a_health_fact_keeps_it_local(tmp_path, store):
+    """The adapter never trained on the health memory itself, only on a later turn of the chat
+    where it was said: its context is still held back from providers health may not reach."""
+    _log_turns(store, "conv-health", [("req-said", "I have type 1 diabetes and take insulin."),
+                                      ("req-later", "What should I cook tonight?")])
+    _log_turns(store, "conv-plain", [("req-plain", "Any tips for a trip to Bergen?")])
+    health, _ = store.add("default", HEALTH, source=MemorySource("interaction", "req-said", "rules", "conv-health"))
+    store.update_entry("default", health.id, sensitivity="health")
+    plain, _ = store.add("default", PLAIN, source=MemorySource("interaction", "req-plain", "rules", "conv-plain"))
+    registry = AdapterRegistry(tmp_path / "plm")
+    question = {"messages": [{"role": "user", "content": "Where does kiwi live?"}]}
+    async with proxy_with(tmp_path, store, egress_policy="health:local", plm_context="on", plm=True,
+                          plm_dir=tmp_path / "plm", plm_auto_update=False) as (client, seen):
+        client.app.state.memlane.recaller.plm = PLMContext(LearnedContext(store, registry), budget_s=5.0)
+
+        async def ask(model: str, provider: str) -> tuple[str, str]:
+            r = await client.post("/v1/chat/completions", json={"model": model, **question})
+            assert r.status_code == 200, r.text
+            return r.headers["x-memlane-plm"], json.dumps(seen[provider].bodies[-1])
+
+        _train(registry, [plain.id], teacher_requests=("req-later",))
+        plm, sent = await ask("local/smollm2-135m-instruct", "local")
+        assert plm == "context" and "diabetes" in sent  # it may stay on this machine
+        plm, sent = await ask("gpt-4o-mini", "openai")
+        assert plm == "fallback" and "diabetes" not in sent and "insulin" not in sent
+        assert "Oslo" in sent  # plain retrieval still goes
+        _train(registry, [plain.id], teacher_requests=("req-plain",))  # control: an unrelated chat
+        plm, sent = await ask("gpt-4o-mini", "openai")
+        assert plm == "context" and "Bergen" in sent and "diabetes" not in sent
+        _train(registry, [plain.id], teacher_requests=("req-said",))  # the turn that said it
+        plm, sent = await ask("gpt-4o-mini", "openai")
+        assert plm == "fallback" and "diabetes" not in sent
 
 
 def test_the_cli_sets_the_label(tmp_path, monkeypatch):
