@@ -29,6 +29,11 @@ __all__ = ["EXPORT_NAME", "OnnxMiniLM", "OnnxUnavailable"]
 
 EXPORT_NAME = "all-minilm-l6-v2-onnx"
 MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length
+# The most padded tokens one session run holds (rows x the run's longest text). ONNX Runtime's
+# CPU arena keeps the largest buffers a run ever needed: one batch of 64 texts of 256 tokens
+# needs ~0.2 GB for attention alone, and the batching embedder sends up to 64 queries at once.
+# Texts are sorted by length first, so each run also pads less.
+MAX_RUN_TOKENS = 2048
 _MARKER = "memlane-export.json"  # written last: names the weights the graph came from
 _FORMAT = 1  # bump when the exported graph changes
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -73,17 +78,34 @@ class OnnxMiniLM:
         return cls(session, _tokenizer(Tokenizer, model_dir))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, 384) float32, rows L2-normalised."""
+        """(N, 384) float32, rows L2-normalised; in runs of at most `MAX_RUN_TOKENS` tokens."""
         if len(texts) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
         encodings = self._tokenizer.encode_batch(list(texts))
-        feed = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),  # (N, T)
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        (vectors,) = self._session.run(None, feed)
-        return np.asarray(vectors, dtype=np.float32)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)  # (N, T), padded to the longest
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        types = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        lengths = mask.sum(axis=1)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for rows in _runs(lengths):
+            width = int(lengths[rows].max())  # padding past the run's longest text changes nothing
+            feed = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width],
+                    "token_type_ids": types[rows, :width]}
+            (vectors,) = self._session.run(None, feed)
+            out[rows] = vectors
+        return out
+
+
+def _runs(lengths: np.ndarray) -> list[np.ndarray]:
+    """Row indices in runs, shortest texts first, each run's rows x longest <= MAX_RUN_TOKENS."""
+    order = np.argsort(lengths, kind="stable")
+    runs: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end - start + 1) * int(lengths[order[end]]) > MAX_RUN_TOKENS:
+            runs.append(order[start:end])
+            start = end
+    return runs
 
 
 def _session(onnxruntime: Any, path: Path, threads: int) -> Any:

@@ -225,3 +225,28 @@ def test_auto_without_a_cache_runs_on_torch_and_onnx_without_one_refuses() -> No
         MiniLMEmbedder(backend="onnx").load()
     with pytest.raises(ValueError):
         MiniLMEmbedder(backend="tensorflow")
+
+
+def test_onnx_runs_stay_within_the_token_budget_and_give_the_same_vectors(onnx_cache: Path) -> None:
+    """A burst of queries (the batching embedder sends up to 64 at once) is split into runs of at
+    most MAX_RUN_TOKENS padded tokens, which bounds what ONNX Runtime's arena keeps; the vectors
+    are those of each text embedded alone, in the caller's order."""
+    from memory.embed_onnx import MAX_RUN_TOKENS
+
+    embedder = MiniLMEmbedder(cache_dir=onnx_cache, backend="onnx")
+    embedder.load()
+    model = embedder._model
+    shapes: list[tuple[int, int]] = []
+    run = model._session.run
+
+    def recording_run(outputs, feed):  # type: ignore[no-untyped-def]
+        shapes.append(feed["input_ids"].shape)
+        return run(outputs, feed)
+
+    model._session = type("Recording", (), {"run": staticmethod(recording_run)})()
+    texts = [TEXTS[i % len(TEXTS)] + f" ({i})" for i in range(64)]
+    got = embedder.embed(texts)
+    assert len(shapes) > 1 and all(rows * width <= MAX_RUN_TOKENS or rows == 1 for rows, width in shapes)
+    assert sum(rows for rows, _ in shapes) == 64
+    alone = np.stack([embedder.embed([t])[0] for t in texts])
+    assert np.allclose(alone, got, atol=1e-5)
