@@ -329,7 +329,7 @@ class PreloadCache:
 
     def candidate(self, user_id: str, query: str, now: datetime) -> PreloadedContext | None:
         """The user's entry for the query's first inferred domain that has one, if not too old."""
-        for domain in infer_domains(query):
+        for domain in infer_domains(query, cache=False):  # each query is new: not worth a cache slot
             with self._lock:
                 context = self._entries.get((user_id, domain))
             if context is None:

@@ -71,9 +71,10 @@ _DOMAIN_RES = {domain: re.compile("|".join(_pattern(w) for w in words))
                for domain, words in _LEXICON.items()}
 
 
-def infer_domains(text: str, *, limit: int = 3) -> tuple[str, ...]:
-    """Up to `limit` domains a sentence is about, most keyword hits first (ties by name)."""
-    if len(text) <= _CACHED_CHARS:
+def infer_domains(text: str, *, limit: int = 3, cache: bool = True) -> tuple[str, ...]:
+    """Up to `limit` domains a sentence is about, most keyword hits first (ties by name).
+    `cache=False` for text seen once (a chat query): it would only push memories out."""
+    if cache and len(text) <= _CACHED_CHARS:
         return _cached_domains(text, limit)
     return _infer_domains(text, limit)
 

@@ -33,6 +33,24 @@ def test_domains_are_inferred_from_a_sentence(text, domains):
     assert infer_domains(text) == domains
 
 
+def test_chat_queries_do_not_fill_the_domain_cache():
+    """The preload lookup guesses the domain of every chat query; queries rarely repeat, so
+    caching them would grow the cache for its first 32k requests and push memories out."""
+    from datetime import UTC, datetime
+
+    from learner.dream import PreloadCache
+    from memory.domains import _cached_domains
+
+    before = _cached_domains.cache_info().currsize
+    cache = PreloadCache()
+    for i in range(50):
+        cache.candidate("ada", f"Is there a peanut-free bakery near me? ({i})", datetime.now(UTC))
+    assert infer_domains("Is there a peanut-free bakery near me?", cache=False) == ("food",)
+    assert _cached_domains.cache_info().currsize == before
+    infer_domains("The user is allergic to peanuts.")  # memories are cached
+    assert _cached_domains.cache_info().currsize <= before + 1
+
+
 def test_new_memories_count_their_domains_stored_or_inferred(store):
     store.add("ada", "The user is allergic to peanuts.")
     store.add("ada", "The user is vegetarian.")
