@@ -39,6 +39,7 @@ __all__ = [
     "TYPE_WEIGHTS",
     "Dataset",
     "Example",
+    "bare_question",
     "build_dataset",
     "questions_for",
     "second_person",
@@ -76,9 +77,9 @@ _RELATION_QUESTIONS = {
     "vehicle": ("What do I drive?", "What car do I have?", "Which vehicle do I drive?", "Tell me what I drive.",
                 "Do you know my car?", "What is my car?", "Which car is mine?"),
     "favorite": ("What is my favorite {x}?", "Which {x} do I like best?", "Do you know my favorite {x}?",
-                 "What's my favorite {x}?", "Tell me my favorite {x}.", "Which {x} is my favorite?",
+                 "Tell me my favorite {x}.", "Which {x} is my favorite?",
                  "What {x} do I love most?", "Can you tell me my favorite {x}?"),
-    "attribute": ("What is my {x}?", "Do you know my {x}?", "Tell me my {x}.", "What's my {x}?",
+    "attribute": ("What is my {x}?", "Do you know my {x}?", "Tell me my {x}.",
                   "Can you tell me what my {x} is?", "Please tell me my {x}."),
 }
 _HAS_NAMED = re.compile(r"^the user has an? ([a-z -]+?) (?:called|named) ")  # "has a parrot named Kiwi"
@@ -88,15 +89,15 @@ _PATTERN_QUESTIONS = (
                                    "Tell me what I'm allergic to.", "Do you know my allergy?",
                                    "What can't I eat because of an allergy?",
                                    "What should I avoid because I'm allergic?")),
-    (re.compile(r"\b(?:speaks?|fluent|native)\b"), ("Which languages do I speak?", "What languages do I know?",
+    (re.compile(r"\b(?:speaks?|fluent|native)\b"), ("Which languages do I speak?",
                                                     "What language do I speak?", "Tell me what I speak.",
                                                     "Do you know my language?", "Which language is mine?")),
     (re.compile(r"\b(?:vegetarian|vegan|eats?|diet|intolerant|gluten)\b"),
      ("What should I keep in mind about my diet?", "What do I eat?", "Do I have dietary restrictions?")),
     (re.compile(r"\bborn\b"), ("Where was I born?", "When was I born?", "Tell me about my birth.",
-                               "What is my birthplace?", "Which city was I born in?",
+                               "What is my birthplace?",
                                "Do you know where I was born?")),
-    (re.compile(r"^the user (?:also |still )?plays\b"), ("What do I play?", "Which instrument do I play?",
+    (re.compile(r"^the user (?:also |still )?plays\b"), ("What do I play?",
                                                       "Tell me what I play.", "Do you know what I play?",
                                                       "What do I like to play?")),
     (re.compile(r"\b(?:uses|prefers)\b"), ("Which tools do I prefer?", "What do I use?")),
@@ -109,6 +110,16 @@ _TYPE_QUESTIONS = {
     MemoryType.BELIEF: ("What do I believe?", "What are my views?", "What do I think about things?"),
 }
 _GENERIC_QUESTIONS = ("What do you know about me?", "Tell me something about me.", "What have I told you about myself?")
+
+_OPENER = re.compile(r"^(?:\w+[ ']?){1,3}[,:] +")  # "Quick question: ", "By the way, "
+
+
+def bare_question(question: str) -> str:
+    """The question without a conversational opener, lower case: "Quick question: where do I
+    live?" -> "where do i live?". Held-out phrasings (the gate's, a benchmark's) must differ
+    from every training question on this, not only on the exact string."""
+    return _OPENER.sub("", question.strip(), count=1).lower()
+
 
 _SECOND_PERSON = (  # (pattern on the sentence, replacement), in order
     (re.compile(r"\bthe user's\b", re.IGNORECASE), "your"),

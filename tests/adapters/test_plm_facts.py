@@ -13,7 +13,7 @@ from adapters.plm.facts import (
     fact_of,
     probes,
 )
-from learner.datasets import questions_for
+from learner.datasets import bare_question, questions_for
 from memory import Confidence, MemoryEntry, MemoryType, Tier, TruthCategory
 
 NOW = datetime(2026, 1, 1)
@@ -59,6 +59,8 @@ def test_no_question_of_the_learners_dataset_is_a_probe_the_gate_asks():
         trained = set(questions_for(memory))
         assert len(trained) >= 5, content  # several wordings to learn from
         assert not trained & set(probes(fact)), content
+        # nor one that is a probe with its opener taken off ("Remind me, ..." vs the bare question)
+        assert not {bare_question(q) for q in trained} & {bare_question(q) for q in probes(fact)}, content
     assert kinds == set(PROBE)  # every probed kind was checked
 
 

@@ -120,6 +120,7 @@ def test_memory_examples_keep_the_datasets_weight_and_the_gates_probes_stay_held
 def test_an_incremental_update_starts_from_the_live_adapter_and_records_what_it_saw(runtime, store, tmp_path):
     registry = AdapterRegistry(tmp_path / "adapters")
     first, _ = store.add("ann", "The user lives in Tromso.")
+    log_answer(store, "req_t", "Capital of France?", "Paris.")  # a teacher answer it distils
     lenient = GateConfig(min_fact_recall=0.0, max_ppl_drift=10.0, heldout_windows=2, heldout_tokens=32,
                          max_new_tokens=4)
     config = UpdateConfig(train=TrainConfig(max_steps=2, replay_tokens=32), replay_windows=2, gate=lenient)
@@ -133,6 +134,8 @@ def test_an_incremental_update_starts_from_the_live_adapter_and_records_what_it_
     assert two.version.parent == 1 and registry.live("ann").version == 2
     assert registry.get("ann", 1).memory_ids == [first.id]
     assert sorted(two.version.memory_ids) == sorted([first.id, second.id])
+    # the conversations it distilled, for the egress policy; the child's weights carry the parent's
+    assert registry.get("ann", 1).teacher_requests == ["req_t"] and two.version.teacher_requests == ["req_t"]
     store.forget("ann", second.id)  # nothing listens here: the next update reconciles first
     three = run_update(store, "ann", runtime=runtime, registry=registry, config=config)
     assert registry.get("ann", 2).stale

@@ -102,11 +102,12 @@ def check_phrasings() -> None:
 
 
 def check_unseen(store, facts: list[tuple[str, str, str]]) -> None:
-    """No benchmark question is among the questions the learner's dataset could train on."""
-    from learner.datasets import build_dataset
+    """No benchmark question is among the questions the learner's dataset could train on, even
+    with its opener ("Quick question:", "Hey,") taken off."""
+    from learner.datasets import bare_question, build_dataset
 
-    trained = {e.instruction for e in build_dataset(store, "default", paraphrases=1000).examples}
-    asked = {q for _, _, kind in facts for q in questions(kind)}
+    trained = {bare_question(e.instruction) for e in build_dataset(store, "default", paraphrases=1000).examples}
+    asked = {bare_question(q) for _, _, kind in facts for q in questions(kind)}
     assert not asked & trained, sorted(asked & trained)
 
 
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--kl-weight", type=float, default=3.0)
     parser.add_argument("--paraphrases", type=int, default=6)
-    parser.add_argument("--rehearsal", type=int, default=2)
+    parser.add_argument("--rehearsal", type=int, default=6, help="dataset questions per known memory in update 2")
     parser.add_argument("--tokens", type=int, default=16, help="max tokens per answer")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
