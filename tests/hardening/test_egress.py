@@ -3,8 +3,10 @@ OpenAI or Anthropic upstream, asserted on the bytes the fake upstreams received.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 import pytest
@@ -150,12 +152,10 @@ def _log_turns(store: MemoryStore, conversation: str, turns: list[tuple[str, str
         history = [*history, {"role": "assistant", "content": "Noted."}]
 
 
-async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_learned_may(tmp_path, store):
-    health, _ = store.add("default", HEALTH, source="api")
-    store.update_entry("default", health.id, sensitivity="health")
-    plain, _ = store.add("default", PLAIN, source="api")
-    registry = AdapterRegistry(tmp_path / "plm")
-    _train(registry, [health.id, plain.id])
+@contextlib.asynccontextmanager
+async def personal_proxy(tmp_path, store: MemoryStore, registry: AdapterRegistry) -> AsyncIterator[Callable]:
+    """memlane with `health:local` and the personal model's context written by `LearnedContext`:
+    yields ask(model, provider) -> (x-memlane-plm, the body that provider received)."""
     question = {"messages": [{"role": "user", "content": "Where does kiwi live?"}]}
     async with proxy_with(tmp_path, store, egress_policy="health:local", plm_context="on", plm=True,
                           plm_dir=tmp_path / "plm", plm_auto_update=False) as (client, seen):
@@ -166,6 +166,16 @@ async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_lea
             assert r.status_code == 200, r.text
             return r.headers["x-memlane-plm"], json.dumps(seen[provider].bodies[-1])
 
+        yield ask
+
+
+async def test_the_personal_models_context_reaches_a_provider_only_if_all_it_learned_may(tmp_path, store):
+    health, _ = store.add("default", HEALTH, source="api")
+    store.update_entry("default", health.id, sensitivity="health")
+    plain, _ = store.add("default", PLAIN, source="api")
+    registry = AdapterRegistry(tmp_path / "plm")
+    _train(registry, [health.id, plain.id])
+    async with personal_proxy(tmp_path, store, registry) as ask:
         plm, sent = await ask("local/smollm2-135m-instruct", "local")
         assert plm == "context" and "learned: " + HEALTH in sent  # health may stay on this machine
         for model, provider in (("gpt-4o-mini", "openai"), ("claude-3-5-haiku", "anthropic"), ("ollama/llama3", "ollama")):
@@ -192,16 +202,7 @@ async def test_an_adapter_that_distilled_a_chat_holding_a_health_fact_keeps_it_l
     store.update_entry("default", health.id, sensitivity="health")
     plain, _ = store.add("default", PLAIN, source=MemorySource("interaction", "req-plain", "rules", "conv-plain"))
     registry = AdapterRegistry(tmp_path / "plm")
-    question = {"messages": [{"role": "user", "content": "Where does kiwi live?"}]}
-    async with proxy_with(tmp_path, store, egress_policy="health:local", plm_context="on", plm=True,
-                          plm_dir=tmp_path / "plm", plm_auto_update=False) as (client, seen):
-        client.app.state.memlane.recaller.plm = PLMContext(LearnedContext(store, registry), budget_s=5.0)
-
-        async def ask(model: str, provider: str) -> tuple[str, str]:
-            r = await client.post("/v1/chat/completions", json={"model": model, **question})
-            assert r.status_code == 200, r.text
-            return r.headers["x-memlane-plm"], json.dumps(seen[provider].bodies[-1])
-
+    async with personal_proxy(tmp_path, store, registry) as ask:
         _train(registry, [plain.id], teacher_requests=("req-later",))
         plm, sent = await ask("local/smollm2-135m-instruct", "local")
         assert plm == "context" and "diabetes" in sent  # it may stay on this machine
