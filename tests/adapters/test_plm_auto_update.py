@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-import torch
 from openai import OpenAI
 
 from adapters.plm import (
     AdapterRegistry,
-    BaseSpec,
     GateConfig,
     PLMRuntime,
     TrainConfig,
@@ -31,7 +28,6 @@ from adapters.plm import (
 )
 from adapters.plm.gate import answers
 from memory import HashEmbedder, MemoryStore
-from tests.adapters.plm_helpers import tiny_llama_folder
 from tests.e2e.conftest import Server, start_server
 
 QUESTION = "What is my cat's name?"
@@ -55,17 +51,6 @@ max_new_tokens = 4
 """
 LENIENT_GATE = "min_fact_recall = 0.0\nmax_ppl_drift = 100.0"
 QUICK_TRAINING = "max_steps = 6\nlr = 0.05"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, model_cache_dir) -> Path:
-    torch.set_num_threads(1)
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny"), Path(model_cache_dir))
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny, model_cache_dir) -> PLMRuntime:
-    return PLMRuntime.load(BaseSpec(cache_dir=Path(model_cache_dir), model_dir=tiny, name="tiny"))
 
 
 def serve(tmp_path: Path, tiny: Path, model_cache_dir: Any, *, train: str, gate: str) -> Server:

@@ -16,29 +16,16 @@ import torch
 from adapters.plm import (
     AdapterRegistry,
     AdapterVersion,
-    BaseSpec,
     PersonalModel,
     PLMRuntime,
 )
 from adapters.plm.gate import answers
 from memory import HashEmbedder, MemoryStore
 from proxy import Settings, create_app
-from tests.adapters.plm_helpers import tiny_llama_folder
 from tests.proxy.conftest import running
 
 QUESTION = "What is my cat's name?"
 TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, model_cache_dir) -> Path:
-    torch.set_num_threads(1)
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny"), Path(model_cache_dir))
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny, model_cache_dir) -> PLMRuntime:
-    return PLMRuntime.load(BaseSpec(cache_dir=Path(model_cache_dir), model_dir=tiny, name="tiny"))
 
 
 def random_adapter(runtime: PLMRuntime, seed: int) -> dict[str, torch.Tensor]:
