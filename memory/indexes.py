@@ -12,14 +12,14 @@ import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import duckdb
 import numpy as np
 import structlog
 
 from memory.rows import EMBEDDING_DIM, vector_param
-from memory.views import ViewCache
+from memory.views import UserView, ViewCache, load_postings
 
 __all__ = ["EXACT_SCAN_MAX_ROWS", "HNSW_INDEX", "IndexedSearch"]
 
@@ -79,6 +79,7 @@ BM25_SQL = f"""
     GROUP BY p.id ORDER BY score DESC, p.id LIMIT ?
 """
 _WORD_SPLIT = re.compile(r"[^a-z]+")
+STEM_CACHE_MAX = 65_536  # query words whose Porter stem is remembered
 VECTOR_CACHE_MAX_ROWS = 200_000  # small users' vectors kept in RAM (~300 MB at most)
 
 
@@ -124,6 +125,16 @@ def query_words(text: str, stopwords: frozenset[str]) -> list[str]:
     return list(dict.fromkeys(w for w in _WORD_SPLIT.split(plain) if w and w not in stopwords))
 
 
+@dataclass(frozen=True, slots=True)
+class _Vocabulary:
+    """The text index's dictionary and statistics, for BM25 over a view's postings."""
+
+    text_generation: int
+    terms: dict[str, tuple[int, int]]  # stemmed term -> (termid, document frequency)
+    num_docs: int
+    avgdl: float
+
+
 class IndexedSearch:
     """Needs from the store: `_cursor`, `_writable_cursor`, the locks, `_background`, and the
     flags set in its `__init__`."""
@@ -142,6 +153,10 @@ class IndexedSearch:
     _views: ViewCache
     _local: threading.local
     _stopwords: frozenset[str]
+    _text_generation: int  # bumped by every rebuild of the text index
+    _vocabulary: _Vocabulary | None
+    _stems: dict[str, str]
+    _postings_loading: set[str]
     encrypted: bool
 
     def _cursor(self) -> duckdb.DuckDBPyConnection: ...  # provided by MemoryStore
@@ -195,6 +210,7 @@ class IndexedSearch:
             except BaseException:
                 cursor.execute("ROLLBACK")
                 raise
+            self._text_generation += 1  # after the commit: see `_view_postings`
             self._load_stopwords(cursor)
 
     def _load_stopwords(self, cursor: duckdb.DuckDBPyConnection) -> None:
@@ -280,11 +296,21 @@ class IndexedSearch:
             self._vector_cache.popitem(last=False)
         return cached
 
+    def _cached_view(self, user_id: str) -> UserView | None:
+        """The user's RAM view if one is built (never inside a transaction: its own writes
+        are not in any view). Building one is `MemoryStore._view`'s business."""
+        if getattr(self._local, "in_transaction", False):
+            return None
+        return self._views.get(user_id)
+
     def vector_neighbours(self, user_id: str, embedding: np.ndarray, n: int) -> list[tuple[str, float]]:
         """The user's n memories (current or not) nearest to `embedding`: (id, cosine)."""
         if n <= 0:
             return []
         query = vector_param(embedding)
+        view = self._cached_view(user_id)
+        if view is not None and view.vectors is not None:
+            return view.vectors.nearest(np.asarray(query, dtype=np.float32), n)
         user_rows = self._rows_of(user_id)
         if user_rows == 0:
             return []
@@ -309,6 +335,9 @@ class IndexedSearch:
         if not memory_ids:
             return {}
         ids = list(dict.fromkeys(memory_ids))
+        view = self._cached_view(user_id)
+        if view is not None and view.vectors is not None:  # another user's id is not in its keys
+            return view.vectors.similarities(np.asarray(vector_param(embedding), dtype=np.float32), ids)
         cached = self._vector_cache.get(user_id)
         if cached is not None:  # another user's id is simply not in this user's rows
             return cached.similarities(np.asarray(vector_param(embedding), dtype=np.float32), ids)
@@ -336,7 +365,71 @@ class IndexedSearch:
         if not words:
             return []
         try:
+            in_ram = self._view_text_matches(user_id, words, n)
+            if in_ram is not None:
+                return in_ram
             rows = self._cursor().execute(BM25_SQL, [words, user_id, n]).fetchall()
         except duckdb.CatalogException:
             return []
         return [(i, float(s)) for i, s in rows]
+
+    def _view_text_matches(self, user_id: str, words: list[str], n: int) -> list[tuple[str, float]] | None:
+        """BM25 from the user's view's postings, or None when there are none as new as the text
+        index (then the caller reads DuckDB, and the postings are reloaded in the background)."""
+        view = self._cached_view(user_id)
+        if view is None or view.vectors is None:
+            return None
+        generation = self._text_generation
+        if view.postings is None or view.postings.text_generation != generation:
+            self._reload_postings_soon(user_id, view)
+            return None
+        vocabulary = self._vocabulary
+        if vocabulary is None or vocabulary.text_generation != generation:
+            vocabulary = self._load_vocabulary(generation)
+        stems = self._stem(words)
+        terms = [vocabulary.terms[t] for t in dict.fromkeys(stems) if t in vocabulary.terms]
+        return view.postings.top(terms, vocabulary.num_docs, vocabulary.avgdl, n)
+
+    def _load_vocabulary(self, generation: int) -> _Vocabulary:
+        """The text index's dictionary, read under `generation` (read first: a rebuild that
+        commits meanwhile bumps it, and the next search reads the dictionary again)."""
+        cursor = self._cursor()
+        terms = {t: (termid, df) for t, termid, df in
+                 cursor.execute("SELECT term, termid, df FROM fts_main_memories.dict").fetchall()}
+        num_docs, avgdl = cursor.execute("SELECT num_docs, avgdl FROM fts_main_memories.stats").fetchone()  # type: ignore[misc]
+        self._vocabulary = _Vocabulary(generation, terms, int(num_docs), float(avgdl or 1.0))
+        return self._vocabulary
+
+    def _stem(self, words: list[str]) -> list[str]:
+        """Porter stems as the text index computes them (DuckDB's `stem`), remembered."""
+        missing = [w for w in words if w not in self._stems]
+        if missing:
+            if len(self._stems) > STEM_CACHE_MAX:
+                self._stems.clear()
+            rows = self._cursor().execute(
+                "SELECT w, stem(w, 'porter') FROM unnest(?::VARCHAR[]) AS t(w)", [missing]
+            ).fetchall()
+            self._stems.update(dict(rows))
+        return [self._stems[w] for w in words]
+
+    def _reload_postings_soon(self, user_id: str, view: UserView) -> None:
+        """Read the user's postings from the current text index into their view, off the
+        request path."""
+        if user_id in self._postings_loading or self._closed:
+            return
+        self._postings_loading.add(user_id)
+
+        def run() -> None:
+            try:
+                generation = self._text_generation  # before the read: see refresh_text_index
+                postings = load_postings(self._cursor(), user_id, generation)
+                self._views.replace_view(user_id, view, replace(view, postings=postings))
+            except Exception as exc:  # BM25 keeps reading DuckDB; the next search retries
+                log.warning("postings_reload_failed", error=repr(exc))
+            finally:
+                self._postings_loading.discard(user_id)
+
+        try:
+            self._background.submit(run)
+        except RuntimeError:  # shutting down
+            self._postings_loading.discard(user_id)

@@ -49,6 +49,7 @@ import duckdb
 import numpy as np
 import structlog
 
+from memory import indexes as _indexes
 from memory import remember as _remember
 from memory import retrieve as _retrieve
 from memory import tiers as _tiers
@@ -79,7 +80,7 @@ from memory.rows import (
     entry_params,
     vector_param,
 )
-from memory.views import VIEW_MAX_ROWS, UserView, ViewCache, load_view
+from memory.views import VIEW_MAX_ROWS, BuildCancelled, UserView, ViewCache, load_view
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -148,7 +149,15 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         self._stopwords: frozenset[str] = frozenset()
         self._text_index_stale = True
         self._background = concurrent.futures.ThreadPoolExecutor(1, "memlane-store")
-        self._views = ViewCache()  # small users' memories in RAM (memory.views)
+        # Views of large users take tens of seconds to build: not in the queue of index
+        # refreshes and access writes.
+        self._view_builder = concurrent.futures.ThreadPoolExecutor(1, "memlane-views")
+        self._views = ViewCache()  # users' memories in RAM (memory.views)
+        self._text_generation = 0
+        self._closing = False
+        self._vocabulary = None
+        self._stems: dict[str, str] = {}
+        self._postings_loading: set[str] = set()
         self._access = AccessBuffer(self._background.submit, self._write_access)  # memory.access
         self._refreshing = False
         self.wipe_hooks: list[Callable[[str], None]] = []  # called with the user id on wipe
@@ -288,8 +297,10 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
 
     def close(self) -> None:
         """Finish background work, close every cursor and the connection. Idempotent."""
+        self._closing = True
         if not self._closed:
             self._access.drain()
+        self._view_builder.shutdown(wait=True, cancel_futures=True)
         self._background.shutdown(wait=True)
         with self._write_lock, self._index_lock, self._cursors_lock:
             if self._closed:
@@ -488,7 +499,9 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             log.warning("record_access_failed", error=repr(exc))
 
     def flush(self) -> None:
-        """Write pending access statistics and wait for background writes submitted so far."""
+        """Write pending access statistics and wait for background work submitted so far
+        (writes, index refreshes, view builds)."""
+        self._view_builder.submit(lambda: None).result()
         self._background.submit(self._access.drain).result()
 
     def delete_entries(self, user_id: str, memory_ids: Sequence[str]) -> list[str]:
@@ -761,14 +774,18 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         if view is None and self._rows_of(user_id) <= VIEW_MAX_ROWS and self._views.claim(user_id):
             generation = self._views.generation(user_id)
             try:
-                self._background.submit(self._build_view, user_id, generation)
+                self._view_builder.submit(self._build_view, user_id, generation)
             except RuntimeError:  # closing
                 self._views.abandon(user_id)
         return view
 
     def _build_view(self, user_id: str, generation: tuple[int, int]) -> None:
         try:
-            view = load_view(self._cursor(), user_id)
+            view = load_view(self._cursor(), user_id, text_generation=self._text_generation,
+                             ann_min_rows=_indexes.EXACT_SCAN_MAX_ROWS, cancelled=lambda: self._closing)
+        except BuildCancelled:
+            self._views.abandon(user_id)
+            return
         except Exception as exc:  # reads go to DuckDB, as without a view
             self._views.abandon(user_id)
             log.warning("memory_view_failed", error=repr(exc))

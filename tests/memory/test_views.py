@@ -3,6 +3,10 @@
 import threading
 import time
 
+import numpy as np
+import pytest
+
+import memory.indexes
 from memory import HashEmbedder, Link, MemorySource, MemoryStore
 from memory.remember import remember
 
@@ -161,3 +165,105 @@ def test_maintenance_updates_in_one_transaction_and_leaves_no_stale_view(store, 
     assert report.decayed >= len(ids) - 1
     fresh = with_view(store)
     assert all(fresh.entries[i].confidence.recency < 0.9 for i in ids if i in fresh.entries)
+
+
+# -- large users: the search legs in RAM ------------------------------------------------
+
+NOUNS = ["garden", "violin", "bakery", "harbour", "bicycle", "lantern", "orchard", "library"]
+VERBS = ["visits", "repairs", "paints", "photographs", "cleans"]
+LARGE_QUERIES = ["the violin in the harbour", "who paints lanterns", "orchard bicycle", "library qzt"]
+
+
+def fill_large(store: MemoryStore, user: str, count: int = 90) -> list[str]:
+    tag = ["".join("qwrtzpsdfg"[int(d)] for d in f"{i:03d}") for i in range(count)]  # one word each
+    texts = [f"The user {VERBS[i % 5]} the {NOUNS[i % 8]} and the {NOUNS[(i * 3) % 8]} {tag[i]}." for i in range(count)]
+    store.bulk_add(user, texts, store.embedder.embed(texts), source="test")
+    store.refresh_text_index()
+    return [m.id for m in store.list(user, limit=count)]
+
+
+@pytest.fixture
+def large(store, monkeypatch):
+    """A store where users above 40 vectors are "large" (the threshold is 16,384)."""
+    monkeypatch.setattr(memory.indexes, "EXACT_SCAN_MAX_ROWS", 40)
+    return store
+
+
+def legs(store: MemoryStore, user: str = "ada"):
+    out = []
+    for q in LARGE_QUERIES:
+        vector = store.embedder.embed([q])[0]
+        out.append((store.vector_neighbours(user, vector, 10), store.text_matches(user, q, 10)))
+    return out
+
+
+def test_a_large_users_view_answers_both_search_legs_as_duckdb_does_without_sql(large):
+    store = large
+    ids = fill_large(store, "ada")
+    bob = fill_large(store, "bob")
+    store._views.claim = lambda user_id: False  # type: ignore[method-assign]
+    in_duckdb, ranked_in_duckdb = legs(store), ranked(store)
+    del store._views.claim
+    view = with_view(store)
+    assert view.vectors is not None and view.postings is not None
+    assert sorted(view.vectors.ids) == sorted(ids)
+
+    legs(store)  # stems of new query words and the index's dictionary are read once
+    calls = []
+    cursor = store._cursor
+    store._cursor = lambda: (calls.append(1), cursor())[1]  # type: ignore[method-assign]
+    in_ram = legs(store)
+    assert calls == []  # neither leg asked DuckDB
+    store._cursor = cursor  # type: ignore[method-assign]
+
+    for query, (vector_ram, text_ram), (vector_db, text_db) in zip(LARGE_QUERIES, in_ram, in_duckdb, strict=True):
+        assert text_ram and [i for i, _ in text_ram] == [i for i, _ in text_db]
+        assert [s for _, s in text_ram] == pytest.approx([s for _, s in text_db], rel=1e-9)
+        # as near as DuckDB's exact top 10, up to f16 rounding (among ties either may be chosen),
+        # and each score is that memory's own cosine
+        assert [s for _, s in vector_ram] == pytest.approx([s for _, s in vector_db], abs=2e-3)
+        contents = {m.id: m.content for m in store.get_many("ada", [i for i, _ in vector_ram])}
+        cosines = store.embedder.embed([contents[i] for i, _ in vector_ram]) @ store.embedder.embed([query])[0]
+        assert [s for _, s in vector_ram] == pytest.approx(cosines.tolist(), abs=2e-3)
+        assert not {i for i, _ in vector_ram + text_ram} & set(bob)
+    for in_ram_ranked, in_duckdb_ranked in zip(ranked(store), ranked_in_duckdb, strict=True):
+        # the same memories, but for ties (many memories share a query's words)
+        assert [s for _, s in in_ram_ranked] == pytest.approx([s for _, s in in_duckdb_ranked], abs=2e-3)
+        assert in_ram_ranked[0][0] == in_duckdb_ranked[0][0] or in_ram_ranked[0][1] == pytest.approx(in_ram_ranked[1][1], abs=2e-3)
+
+
+def test_a_large_users_postings_follow_a_rebuilt_text_index(large):
+    store = large
+    fill_large(store, "ada")
+    view = with_view(store)
+    before = store.text_matches("ada", "violin harbour", 5)
+    store.refresh_text_index()  # a new generation of the index: the view's postings are older
+    assert store.text_matches("ada", "violin harbour", 5) == before  # answered by DuckDB meanwhile
+    store.flush()
+    reloaded = store._views.get("ada")
+    assert reloaded.postings.text_generation == store._text_generation != view.postings.text_generation
+    assert reloaded.entries is view.entries  # only the postings were read again
+    after = store.text_matches("ada", "violin harbour", 5)
+    assert [i for i, _ in after] == [i for i, _ in before]
+    assert [s for _, s in after] == pytest.approx([s for _, s in before], rel=1e-9)
+
+
+def test_a_forgotten_memory_leaves_a_large_users_view_and_search(large):
+    store = large
+    ids = fill_large(store, "ada")
+    with_view(store)
+    gone = ids[17]
+    store.forget("ada", gone)
+    assert store._views.get("ada") is None
+    view = with_view(store)
+    assert gone not in view.vectors.keys and gone not in view.postings.docs
+    assert gone not in [m.id for m in store.search_text("ada", "library qzt", k=10, touch=False)]
+
+
+def test_closing_the_store_stops_a_graph_build():
+    from memory.views import BuildCancelled, ViewVectors
+
+    matrix = np.eye(8, 384, dtype=np.float32)
+    assert len(ViewVectors.build([str(i) for i in range(8)], matrix).nearest(matrix[3], 1)) == 1
+    with pytest.raises(BuildCancelled):
+        ViewVectors.build([str(i) for i in range(8)], matrix, cancelled=lambda: True)
