@@ -377,7 +377,7 @@ class IndexedSearch:
         """BM25 from the user's view's postings, or None when there are none as new as the text
         index (then the caller reads DuckDB, and the postings are reloaded in the background)."""
         view = self._cached_view(user_id)
-        if view is None or view.vectors is None:
+        if view is None:
             return None
         generation = self._text_generation
         if view.postings is None or view.postings.text_generation != generation:
@@ -402,15 +402,17 @@ class IndexedSearch:
 
     def _stem(self, words: list[str]) -> list[str]:
         """Porter stems as the text index computes them (DuckDB's `stem`), remembered."""
-        missing = [w for w in words if w not in self._stems]
-        if missing:
-            if len(self._stems) > STEM_CACHE_MAX:
-                self._stems.clear()
-            rows = self._cursor().execute(
-                "SELECT w, stem(w, 'porter') FROM unnest(?::VARCHAR[]) AS t(w)", [missing]
-            ).fetchall()
-            self._stems.update(dict(rows))
-        return [self._stems[w] for w in words]
+        known = self._stems  # replaced, never cleared in place: other threads read it
+        missing = [w for w in words if w not in known]
+        if not missing:
+            return [known[w] for w in words]
+        fetched = dict(self._cursor().execute(
+            "SELECT w, stem(w, 'porter') FROM unnest(?::VARCHAR[]) AS t(w)", [missing]
+        ).fetchall())
+        if len(known) > STEM_CACHE_MAX:
+            self._stems = {}
+        self._stems.update(fetched)
+        return [fetched[w] if w in fetched else known[w] for w in words]
 
     def _reload_postings_soon(self, user_id: str, view: UserView) -> None:
         """Read the user's postings from the current text index into their view, off the

@@ -6,12 +6,14 @@ three DuckDB round trips of 1-3 ms each at 10k memories, on every chat request. 
 with at most `VIEW_MAX_ROWS` memories the store keeps those three tables in RAM instead, as
 one immutable `UserView` per user, and answers the same calls from dicts.
 
-A large user (more than `ANN_MIN_ROWS` vectors, history included) also gets the two search
-legs in the view, since DuckDB's are the slow part of their retrieval (HNSW through vss
-9-20 ms and BM25 over the postings table ~12 ms at 100k memories, against 5-7 ms for the whole
-query embedding): `ViewVectors`, an HNSW graph in RAM (usearch, the library vss wraps, with
-vss's parameters; f16 vectors), and `ViewPostings`, the user's rows of the text index's
-postings table, scored with the same BM25 as the SQL (`memory.indexes.BM25_SQL`).
+A view also holds the user's rows of the text index's postings table (`ViewPostings`), scored
+with the same BM25 as the SQL (`memory.indexes.BM25_SQL`), since BM25 through DuckDB is the
+slowest step of a retrieval (5-10 ms at 10k memories, ~12 ms at 100k, against 5-7 ms for the
+whole query embedding). A large user (more than `ANN_MIN_ROWS` vectors, history included)
+also gets `ViewVectors`, an HNSW graph of their vectors in RAM (usearch, the library vss
+wraps, with vss's parameters; f16 vectors) instead of vss's shared index, over-fetched and
+filtered by user (9-20 ms at 100k). Smaller users' vectors are scanned exactly from a RAM copy
+(`memory.indexes`).
 
 Freshness: a view is built in the background (the request that finds none is answered by
 DuckDB, as before) and dropped by every write to the user's memories, links or sources. A
@@ -55,7 +57,7 @@ __all__ = [
 VIEW_MAX_ROWS = 131_072  # users up to this many memories (history included) get a view
 VIEW_CACHE_MAX_ROWS = 196_608  # memories held in all views together (about 2.5 KB each)
 VIEW_SETTLE_S = 2.0  # no build until the user's memories have been left alone this long
-ANN_MIN_ROWS = 16_384  # above this many vectors a view holds the user's HNSW graph and postings
+ANN_MIN_ROWS = 16_384  # above this many vectors a view holds the user's HNSW graph
 # vss's HNSW defaults (M, ef_construction, ef_search), so the RAM graph finds what vss's did
 HNSW_CONNECTIVITY, HNSW_EXPANSION_ADD, HNSW_EXPANSION_SEARCH = 16, 128, 64
 BM25_K1, BM25_B = 1.2, 0.75
@@ -105,8 +107,9 @@ class ViewVectors:
 
 @dataclass(frozen=True, slots=True)
 class ViewPostings:
-    """A large user's rows of the BM25 postings table, sorted by term: the postings of term t
-    are rows `bounds(t)` of (doc, tf), doc indexing `docs` and `lengths`."""
+    """A user's rows of the BM25 postings table, sorted by term (the postings of a term are
+    found by binary search in `termids`): each a document (an index into `docs` and
+    `lengths`) and the term's frequency in it."""
 
     text_generation: int  # of the text index they were read from
     docs: list[str]
@@ -158,7 +161,7 @@ class UserView:
     members: dict[str, tuple[str, ...]]  # conversation id -> memory ids learned in it
     signature: tuple[int, datetime | None]  # (current memories, their latest update)
     vectors: ViewVectors | None = None  # large users only (above ANN_MIN_ROWS vectors)
-    postings: ViewPostings | None = None  # large users only
+    postings: ViewPostings | None = None  # None: no text index yet
 
     def get_many(self, memory_ids: Sequence[str]) -> list[MemoryEntry]:
         return [self.entries[i] for i in dict.fromkeys(memory_ids) if i in self.entries]
@@ -201,8 +204,8 @@ def load_view(
     cursor: duckdb.DuckDBPyConnection, user_id: str, *, text_generation: int = 0,
     ann_min_rows: int = ANN_MIN_ROWS, cancelled: Callable[[], bool] = lambda: False,
 ) -> UserView:
-    """Read one user's memories, links and conversation sources (three queries); for a large
-    user also their vectors, into an HNSW graph (~40 s per 100k on one core), and postings."""
+    """Read one user's memories, links, conversation sources and postings (four queries); for
+    a large user also their vectors, into an HNSW graph (~40 s per 100k on one core)."""
     from memory.indexes import fetch_user_vectors  # indexes imports this module
 
     rows = cursor.execute(f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ?", [user_id]).fetchall()
@@ -228,10 +231,10 @@ def load_view(
     vectors = postings = None
     if len(entries) > ann_min_rows:
         vectors = ViewVectors.build(*fetch_user_vectors(cursor, user_id), cancelled=cancelled)
-        try:
-            postings = load_postings(cursor, user_id, text_generation)
-        except duckdb.CatalogException:  # no text index yet: BM25 reads DuckDB (and finds nothing)
-            postings = None
+    try:
+        postings = load_postings(cursor, user_id, text_generation)
+    except duckdb.CatalogException:  # no text index yet: BM25 reads DuckDB (and finds nothing)
+        postings = None
     return UserView(
         entries,
         {k: tuple(v) for k, v in links.items()},
