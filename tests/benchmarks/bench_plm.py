@@ -78,6 +78,23 @@ BENCH: dict[str, tuple[str, ...]] = {
     "speaks": ("Quick question: what language do I know?", "Hey, which language do I speak?"),
 }
 
+# A second held-out set, written after the training questions gained "what did I tell you ..."
+# forms in answer to misses on BENCH's "which {t} did I say I have?": checked the same way, and
+# never used to choose anything, so it is the unbiased figure.
+FRESH: dict[str, tuple[str, ...]] = {
+    "name": ("Any idea what my {t} is called?", "Sorry, my {t} answers to which name?"),
+    "attr": ("Any idea what my {t} is?", "Sorry, my {t} is what again?"),
+    "residence": ("Any idea which city I live in?", "Sorry, which town do I call home?"),
+    "occupation": ("Any idea what my job is?", "Sorry, what is it I do for work?"),
+    "employer": ("Any idea who I work for?", "Sorry, which firm do I work for?"),
+    "allergy": ("Any idea what I'm allergic to?", "Sorry, what must I avoid eating because of my allergy?"),
+    "vehicle": ("Any idea what car I own?", "Sorry, what's the car I drive?"),
+    "birthplace": ("Any idea where I was born?", "Sorry, in which city was I born?"),
+    "plays": ("Any idea which instrument I play?", "Sorry, what musical instrument do I play?"),
+    "speaks": ("Any idea which language I speak?", "Sorry, what language can I speak?"),
+}
+HELD_OUT = {"bench": BENCH, "fresh": FRESH}
+
 
 @dataclass
 class Server:
@@ -89,16 +106,19 @@ class Server:
         self.process.wait(120)
 
 
-def questions(kind: str) -> list[str]:
+def questions(kind: str, phrasings: dict[str, tuple[str, ...]] = BENCH) -> list[str]:
     family, _, topic = kind.partition(":")
-    return [q.format(t=topic) for q in BENCH[family]]
+    return [q.format(t=topic) for q in phrasings[family]]
 
 
 def check_phrasings() -> None:
     from adapters.plm.facts import PROBE
+    from learner.datasets import bare_question
 
     for family, phrasings in BENCH.items():
         assert not set(phrasings) & set(PROBE[family]), family
+        fresh = {bare_question(q) for q in FRESH[family]}
+        assert not fresh & {bare_question(q) for q in (*phrasings, *PROBE[family])}, family
 
 
 def check_unseen(store, facts: list[tuple[str, str, str]]) -> None:
@@ -107,7 +127,7 @@ def check_unseen(store, facts: list[tuple[str, str, str]]) -> None:
     from learner.datasets import bare_question, build_dataset
 
     trained = {bare_question(e.instruction) for e in build_dataset(store, "default", paraphrases=1000).examples}
-    asked = {bare_question(q) for _, _, kind in facts for q in questions(kind)}
+    asked = {bare_question(q) for _, _, kind in facts for held in HELD_OUT.values() for q in questions(kind, held)}
     assert not asked & trained, sorted(asked & trained)
 
 
@@ -157,17 +177,24 @@ def wait_memories(server: Server, count: int, timeout: float = 120) -> int:
     return seen
 
 
-def recall(client, model: str, facts: list[tuple[str, str, str]], *, tokens: int) -> tuple[float, list[dict]]:
+def recall(client, model: str, facts: list[tuple[str, str, str]], *, tokens: int) -> tuple[dict[str, float], list[dict]]:
+    """Share of right answers per held-out set ("bench", "fresh"), and every answer."""
     from adapters.plm.facts import contains_value
 
     rows = []
     for _, value, kind in track(facts, f"asking {len(facts)} facts"):
-        for q in questions(kind):
-            answer = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": q}], max_tokens=tokens, temperature=0,
-            ).choices[0].message.content or ""
-            rows.append({"value": value, "question": q, "answer": answer, "right": contains_value(answer, value)})
-    return sum(r["right"] for r in rows) / max(len(rows), 1), rows
+        for held, phrasings in HELD_OUT.items():
+            for q in questions(kind, phrasings):
+                answer = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": q}], max_tokens=tokens, temperature=0,
+                ).choices[0].message.content or ""
+                rows.append({"set": held, "value": value, "question": q, "answer": answer,
+                             "right": contains_value(answer, value)})
+    rates = {}
+    for held in HELD_OUT:
+        mine = [r["right"] for r in rows if r["set"] == held]
+        rates[held] = sum(mine) / max(len(mine), 1)
+    return rates, rows
 
 
 def update(work: Path, args: argparse.Namespace, runtime) -> dict:
@@ -237,7 +264,7 @@ def main() -> None:
     out["memories_stored"] = wait_memories(server, len(first))
     out["recall_before"], rows_before = recall(client, model, first, tokens=args.tokens)
     server.stop()
-    print(f"taught {len(first)} facts, {out['memories_stored']} memories; recall before {out['recall_before']:.0%}", flush=True)
+    print(f"taught {len(first)} facts, {out['memories_stored']} memories; recall before {out['recall_before']}", flush=True)
 
     out["update_1"] = update(work, args, runtime)
     print(f"update 1: {out['update_1']['status']} in {out['update_1']['seconds']} s", flush=True)
@@ -245,7 +272,7 @@ def main() -> None:
     server = start(work, env)
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600)
     out["recall_after"], rows_after = recall(client, model, first, tokens=args.tokens)
-    print(f"recall after {out['recall_after']:.0%}", flush=True)
+    print(f"recall after {out['recall_after']}", flush=True)
     if second:
         teach(client, f"local/{runtime.name}", second)
         wait_memories(server, len(first) + len(second))

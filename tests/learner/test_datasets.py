@@ -157,7 +157,7 @@ def test_cli_exports_the_dataset(tmp_path):
 def test_questions_use_the_users_own_spelling_of_favourite(store):
     store.add("ada", "The user's favourite colour is teal.", source="api")
     store.add("ada", "The user's favorite sport is judo.", source="api")
-    questions = {e.instruction: e.output for e in build_dataset(store, "ada").examples if e.source == "memory"}
+    questions = {e.instruction: e.output for e in build_dataset(store, "ada", paraphrases=20).examples if e.source == "memory"}
     colour = [q for q, a in questions.items() if "teal" in a]
     sport = [q for q, a in questions.items() if "judo" in a]
     assert any("favourite colour" in q for q in colour) and not any("favorite" in q for q in colour)
