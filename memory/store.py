@@ -80,7 +80,7 @@ from memory.rows import (
     entry_params,
     vector_param,
 )
-from memory.views import VIEW_MAX_ROWS, BuildCancelled, UserView, ViewCache, load_view
+from memory.views import VIEW_CACHE_MAX_ROWS, BuildCancelled, UserView, ViewCache, load_view
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -128,6 +128,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         tier_policy: _tiers.TierPolicy,
         weights: _retrieve.RetrievalWeights,
         deletes_since_index_load: int = 0,
+        view_rows: int = VIEW_CACHE_MAX_ROWS,
     ) -> None:
         self._conn = conn
         self.embedder = embedder
@@ -152,7 +153,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         # Views of large users take tens of seconds to build: not in the queue of index
         # refreshes and access writes.
         self._view_builder = concurrent.futures.ThreadPoolExecutor(1, "memlane-views")
-        self._views = ViewCache()  # users' memories in RAM (memory.views)
+        self._views = ViewCache(max_rows=view_rows)  # users' memories in RAM (memory.views)
         self._text_generation = 0
         self._closing = False
         self._vocabulary = None
@@ -176,13 +177,15 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         encryption_key: str | None = None,
         tier_policy: _tiers.TierPolicy | None = None,
         weights: _retrieve.RetrievalWeights | None = None,
+        view_rows: int = VIEW_CACHE_MAX_ROWS,
     ) -> MemoryStore:
         """Open (creating if needed) the store at `path`, or ":memory:".
 
         Loads the extensions, applies pending migrations (a read-only store refuses a database
         whose migrations are not all applied) and makes the derived indexes if missing.
         `encryption_key` encrypts the file (AES-GCM through DuckDB); the same key is needed
-        to open it again. `overfetch`: an HNSW scan fetches k * overfetch rows before the
+        to open it again. `view_rows`: memories held in RAM views across users (a user with
+        more is read from DuckDB; 0: no views). `overfetch`: an HNSW scan fetches k * overfetch rows before the
         user filter.
         """
         if embedder.dim != EMBEDDING_DIM:
@@ -213,6 +216,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             tier_policy=tier_policy or _tiers.TierPolicy(),
             weights=weights or _retrieve.RetrievalWeights(),
             deletes_since_index_load=10**9 if unclean else 0,
+            view_rows=view_rows,
         )
         if not read_only:
             try:
@@ -771,7 +775,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         if getattr(self._local, "in_transaction", False):
             return None
         view = self._views.get(user_id)
-        if view is None and self._rows_of(user_id) <= VIEW_MAX_ROWS and self._views.claim(user_id):
+        if view is None and self._rows_of(user_id) <= self._views.max_rows and self._views.claim(user_id):
             generation = self._views.generation(user_id)
             try:
                 self._view_builder.submit(self._build_view, user_id, generation)

@@ -1,10 +1,11 @@
-"""RAM views of small users' memories: what one retrieval reads, without a query per step.
+"""RAM views of users' memories: what one retrieval reads, without a query per step.
 
 A retrieval reads its candidates' rows (`get_many`), the links of its best seeds
 (`links_from`) and the memories learned in the same conversations (`conversation_neighbours`):
 three DuckDB round trips of 1-3 ms each at 10k memories, on every chat request. For a user
-with at most `VIEW_MAX_ROWS` memories the store keeps those three tables in RAM instead, as
-one immutable `UserView` per user, and answers the same calls from dicts.
+with at most the store's `view_rows` memories (`VIEW_CACHE_MAX_ROWS` by default, shared by
+all views) the store keeps those three tables in RAM instead, as one immutable `UserView` per
+user, and answers the same calls from dicts.
 
 A view also holds the user's rows of the text index's postings table (`ViewPostings`), scored
 with the same BM25 as the SQL (`memory.indexes.BM25_SQL`), since BM25 through DuckDB is the
@@ -43,7 +44,6 @@ from memory.rows import EMBEDDING_DIM, ENTRY_COLUMNS, Link, entry_from_row
 __all__ = [
     "ANN_MIN_ROWS",
     "VIEW_CACHE_MAX_ROWS",
-    "VIEW_MAX_ROWS",
     "VIEW_SETTLE_S",
     "BuildCancelled",
     "UserView",
@@ -54,8 +54,9 @@ __all__ = [
     "load_view",
 ]
 
-VIEW_MAX_ROWS = 131_072  # users up to this many memories (history included) get a view
-VIEW_CACHE_MAX_ROWS = 196_608  # memories held in all views together (about 2.5 KB each)
+# Memories held in all views together (about 3 KB each with the search legs); a user with
+# more (history included) gets no view. The store's `view_rows` (MEMLANE_MEMORY_VIEW_ROWS).
+VIEW_CACHE_MAX_ROWS = 196_608
 VIEW_SETTLE_S = 2.0  # no build until the user's memories have been left alone this long
 ANN_MIN_ROWS = 16_384  # above this many vectors a view holds the user's HNSW graph
 # vss's HNSW defaults (M, ef_construction, ef_search), so the RAM graph finds what vss's did
@@ -126,13 +127,16 @@ class ViewPostings:
             lo, hi = np.searchsorted(self.termids, [termid, termid + 1])
             if lo == hi:
                 continue
-            rows, tf = self.doc_rows[lo:hi], self.tfs[lo:hi]
+            rows, tf = self.doc_rows[lo:hi], self.tfs[lo:hi]  # a document once per term
             idf = np.log(1 + (num_docs - df + 0.5) / (df + 0.5))
             norm = 1 - BM25_B + BM25_B * self.lengths[rows] / avgdl
-            np.add.at(scores, rows, idf * tf * (BM25_K1 + 1) / (tf + BM25_K1 * norm))
+            scores[rows] += idf * tf * (BM25_K1 + 1) / (tf + BM25_K1 * norm)
         hit = np.flatnonzero(scores)
-        best = sorted(((self.docs[i], float(scores[i])) for i in hit), key=lambda r: (-r[1], r[0]))
-        return best[:n]
+        if len(hit) > n:  # a common word matches thousands: keep the n best, and their ties
+            nth = np.partition(scores[hit], len(hit) - n)[len(hit) - n]
+            hit = hit[scores[hit] >= nth]
+        best = hit[np.lexsort((hit, -scores[hit]))][:n]  # documents are in id order: ties by id
+        return [(self.docs[i], float(scores[i])) for i in best]
 
 
 def load_postings(cursor: duckdb.DuckDBPyConnection, user_id: str, text_generation: int) -> ViewPostings:

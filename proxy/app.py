@@ -194,6 +194,7 @@ def open_store(settings: Settings, emb: Embedder, **options: Any) -> MemoryStore
     """The store at `settings.database`, with its key and tier policy."""
     key = settings.database_key.get_secret_value() if settings.database_key else None
     policy = TierPolicy(short_term_ttl=timedelta(hours=settings.short_term_ttl_hours))
+    options.setdefault("view_rows", settings.memory_view_rows)
     return MemoryStore.open(settings.database, embedder=emb, encryption_key=key, tier_policy=policy, **options)
 
 

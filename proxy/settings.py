@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     # HNSW index (vss cannot store one in an encrypted file) vector search scans exactly.
     database_key: SecretStr | None = None
     short_term_ttl_hours: float = Field(default=72.0, ge=24.0, le=72.0)
+    # Memories held in RAM views for retrieval (memory/views.py; ~3 KB each with the search
+    # legs); a user with more than this many is read from DuckDB.
+    memory_view_rows: int = Field(default=196_608, ge=0)
     maintenance_interval_s: float = Field(default=600.0, gt=0)  # promotion, expiry, decay
     # The background learner (docs/learner.md): "inprocess" runs the jobs in the server;
     # "external": a `memlane learner --url` process leases them over HTTP, the server still writes.

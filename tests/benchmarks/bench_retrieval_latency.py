@@ -77,6 +77,7 @@ from memory import (
     content_hash,
 )
 from memory.indexes import CREATE_HNSW, HNSW_INDEX
+from memory.views import VIEW_CACHE_MAX_ROWS
 from proxy.enrich import inject
 from tests.benchmarks.dialogue_gen import _CHITCHAT, _DISTRACTORS, SLOTS, _fill
 from tests.benchmarks.progress import counting, track
@@ -296,7 +297,7 @@ def without_views(store: MemoryStore):
 def warm_views(store: MemoryStore, users: list[str]) -> dict[str, float]:
     """Build the RAM views of these users as the first request of each would (in the
     background), wait for them, and return the seconds each took; users without one (over
-    `VIEW_MAX_ROWS`, or evicted) are left to DuckDB."""
+    the store's `view_rows`, or evicted) are left to DuckDB."""
     seconds = {}
     for user_id in dict.fromkeys(users):
         started = time.perf_counter()
@@ -383,7 +384,8 @@ def measure(size: int, shape: str, args, embedder, pool, vectors) -> dict:
     figures["index_check_s"] = round(time.perf_counter() - started, 2)
     figures["load_avg_before"] = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
-    with MemoryStore.open(path, embedder=HashEmbedder(), clock=FixedClock(), read_only=True) as store:
+    with MemoryStore.open(path, embedder=HashEmbedder(), clock=FixedClock(), read_only=True,
+                          view_rows=args.view_rows) as store:
         figures["open_s"] = round(time.perf_counter() - started, 2)
         texts = queries(args.queries + 10)
         if shape == "single":
@@ -451,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk-index-from", type=int, default=1_000_000,
                         help="build the HNSW index after the inserts from this size on")
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--view-rows", type=int, default=VIEW_CACHE_MAX_ROWS,
+                        help="memories held in RAM views (MEMLANE_MEMORY_VIEW_ROWS)")
     parser.add_argument("--quick", action="store_true", help="50 queries, 200 adds")
     parser.add_argument("--embedder-backend", choices=("auto", "onnx", "torch"), default="auto",
                         help="MiniLM runtime, as MEMLANE_EMBEDDER_BACKEND (default: ONNX Runtime)")
