@@ -208,7 +208,8 @@ def update(work: Path, args: argparse.Namespace, runtime) -> dict:
     from memory import HashEmbedder, MemoryStore
 
     config = UpdateConfig(
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kl_weight=args.kl_weight),
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, kl_weight=args.kl_weight,
+                          seed=args.seed),
         gate=GateConfig(), paraphrases=args.paraphrases, rehearsal=args.rehearsal,
     )
     with MemoryStore.open(work / "memlane.duckdb", embedder=HashEmbedder()) as store:
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--rehearsal", type=int, default=6, help="dataset questions per known memory in update 2")
     parser.add_argument("--tokens", type=int, default=16, help="max tokens per answer")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (example order, LoRA init, dropout)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     check_phrasings()
