@@ -19,7 +19,10 @@ filtered by user (9-20 ms at 100k). Smaller users' vectors are scanned exactly f
 Freshness: a view is built in the background (the request that finds none is answered by
 DuckDB, as before) and dropped by every write to the user's memories, links or sources. A
 build that overlaps a write is discarded (`ViewCache.install` compares generations), so a view
-never shows less than the database did when it was installed. Access statistics, written in
+never shows less than the database did when it was installed. A dropped view's HNSW graph is
+kept aside: the next build of that user's view re-reads the rows but patches the graph
+(`ViewVectors.refreshed`: new and re-embedded memories added, deleted ones removed) instead of
+building it again, which is most of a large user's build (~35 s per 100k vectors on one core). Access statistics, written in
 batches (`memory.access`), are patched into the view rather than dropping it. The postings
 follow the text index, which is rebuilt on its own schedule: they carry the index's generation,
 and a search that finds them older reads BM25 from DuckDB while the store reloads them.
@@ -63,6 +66,9 @@ ANN_MIN_ROWS = 16_384  # above this many vectors a view holds the user's HNSW gr
 HNSW_CONNECTIVITY, HNSW_EXPANSION_ADD, HNSW_EXPANSION_SEARCH = 16, 128, 64
 BM25_K1, BM25_B = 1.2, 0.75
 BUILD_CHUNK = 4096  # vectors added to a graph between checks for cancellation (~1.5 s)
+COMPARE_CHUNK = 16_384  # vectors read back from a graph at a time to find re-embedded memories
+F16_TOLERANCE = 4e-3  # a stored f16 vector within this of the memory's (unit) vector is the same one
+REFRESH_MAX_SHARE = 0.25  # a graph with more of its vectors changed is built again, not patched
 
 
 class BuildCancelled(Exception):
@@ -71,11 +77,15 @@ class BuildCancelled(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ViewVectors:
-    """A large user's vectors (history included) as an HNSW graph in RAM: key i is `ids[i]`."""
+    """A large user's vectors (history included) as an HNSW graph in RAM: key k is `ids[k]`
+    while `keys[ids[k]] == k` (a key whose memory was deleted or re-embedded is removed from
+    the graph and from `keys`; `ids` keeps its slot). Successive views of a user may share one
+    graph (`refreshed`), so every use of it holds `lock`."""
 
     ids: list[str]
     keys: dict[str, int]
     index: Index
+    lock: threading.Lock
 
     @classmethod
     def build(cls, ids: list[str], matrix: np.ndarray, *, cancelled: Callable[[], bool] = lambda: False) -> ViewVectors:
@@ -83,17 +93,62 @@ class ViewVectors:
         between which `cancelled()` may stop the build (the store is closing)."""
         index = Index(ndim=EMBEDDING_DIM, metric="cos", dtype="f16", connectivity=HNSW_CONNECTIVITY,
                       expansion_add=HNSW_EXPANSION_ADD, expansion_search=HNSW_EXPANSION_SEARCH)
+        vectors = cls([], {}, index, threading.Lock())
+        return vectors._with_added(ids, matrix, cancelled)
+
+    def refreshed(self, ids: list[str], matrix: np.ndarray, *,
+                  cancelled: Callable[[], bool] = lambda: False) -> ViewVectors | None:
+        """The graph of the user's vectors now (`ids`, `matrix` as `build` takes them), made
+        from this one by removing what left or changed and adding what is new; None when that
+        is more work than a new graph (over `REFRESH_MAX_SHARE` of it changed, or removed slots
+        over half the live ones): the caller builds one. This view must not be served after."""
+        now = dict(zip(ids, range(len(ids)), strict=True))
+        gone = [self.keys[i] for i in self.keys.keys() - now.keys()]
+        kept = [i for i in ids if i in self.keys]
+        for start in range(0, len(kept), COMPARE_CHUNK):  # re-embedded memories: their vector moved
+            chunk = kept[start:start + COMPARE_CHUNK]
+            with self.lock:
+                old = np.asarray(self.index.get(np.array([self.keys[i] for i in chunk], dtype=np.uint64),
+                                                dtype=np.float32)).reshape(len(chunk), EMBEDDING_DIM)
+            new = matrix[[now[i] for i in chunk]]
+            moved = np.flatnonzero(np.abs(old - new).max(axis=1) > F16_TOLERANCE)
+            gone.extend(self.keys[chunk[r]] for r in moved)
+        gone_ids = {self.ids[k] for k in gone}
+        added = [i for i in ids if i not in self.keys or i in gone_ids]
+        tombstones = len(self.ids) - len(self.keys) + len(gone)
+        if len(gone) + len(added) > REFRESH_MAX_SHARE * len(ids) or tombstones > len(ids) // 2:
+            return None
+        keys = {i: k for i, k in self.keys.items() if i not in gone_ids}
+        if gone:
+            with self.lock:
+                self.index.remove(np.array(gone, dtype=np.uint64))
+        patched = ViewVectors(list(self.ids), keys, self.index, self.lock)
+        return patched._with_added(added, matrix[[now[i] for i in added]], cancelled)
+
+    def _with_added(self, ids: list[str], matrix: np.ndarray, cancelled: Callable[[], bool]) -> ViewVectors:
+        """Add these memories' vectors to the graph (new keys after `ids`'s slots), in chunks."""
+        first = len(self.ids)
         for start in range(0, len(ids), BUILD_CHUNK):
             if cancelled():
                 raise BuildCancelled
             stop = min(start + BUILD_CHUNK, len(ids))
-            index.add(np.arange(start, stop, dtype=np.uint64), matrix[start:stop], threads=1)
-        return cls(ids, {memory_id: key for key, memory_id in enumerate(ids)}, index)
+            with self.lock:
+                self.index.add(np.arange(first + start, first + stop, dtype=np.uint64), matrix[start:stop], threads=1)
+        self.ids.extend(ids)
+        self.keys.update(zip(ids, range(first, first + len(ids)), strict=True))
+        return self
 
     def nearest(self, query: np.ndarray, n: int) -> list[tuple[str, float]]:
         """The n nearest memories (approximately, as vss's index): (id, cosine), best first."""
-        found = self.index.search(query, min(n, len(self.ids)))
-        rows = [(self.ids[int(k)], 1.0 - float(d)) for k, d in zip(found.keys, found.distances)]
+        if not self.keys:
+            return []
+        with self.lock:
+            found = self.index.search(query, min(n, len(self.keys)))
+        rows = []
+        for key, distance in zip(found.keys, found.distances):
+            key = int(key)
+            if key < len(self.ids) and self.keys.get(self.ids[key]) == key:  # not patched in since
+                rows.append((self.ids[key], 1.0 - float(distance)))
         rows.sort(key=lambda r: (-r[1], r[0]))
         return rows
 
@@ -101,7 +156,8 @@ class ViewVectors:
         found = [(i, self.keys[i]) for i in memory_ids if i in self.keys]
         if not found:
             return {}
-        vectors = self.index.get(np.array([k for _, k in found], dtype=np.uint64), dtype=np.float32)
+        with self.lock:
+            vectors = self.index.get(np.array([k for _, k in found], dtype=np.uint64), dtype=np.float32)
         scores = np.asarray(vectors).reshape(len(found), EMBEDDING_DIM) @ query
         return {i: float(s) for (i, _), s in zip(found, scores)}
 
@@ -207,9 +263,11 @@ class UserView:
 def load_view(
     cursor: duckdb.DuckDBPyConnection, user_id: str, *, text_generation: int = 0,
     ann_min_rows: int = ANN_MIN_ROWS, cancelled: Callable[[], bool] = lambda: False,
+    previous: ViewVectors | None = None,
 ) -> UserView:
     """Read one user's memories, links, conversation sources and postings (four queries); for
-    a large user also their vectors, into an HNSW graph (~40 s per 100k on one core)."""
+    a large user also their vectors, into an HNSW graph (~40 s per 100k on one core), or into
+    `previous`, the graph of their last view, patched (`ViewVectors.refreshed`)."""
     from memory.indexes import fetch_user_vectors  # indexes imports this module
 
     rows = cursor.execute(f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ?", [user_id]).fetchall()
@@ -234,7 +292,11 @@ def load_view(
     current = [e.updated_at for e in entries.values() if e.valid_to is None]
     vectors = postings = None
     if len(entries) > ann_min_rows:
-        vectors = ViewVectors.build(*fetch_user_vectors(cursor, user_id), cancelled=cancelled)
+        ids, matrix = fetch_user_vectors(cursor, user_id)
+        if previous is not None:
+            vectors = previous.refreshed(ids, matrix, cancelled=cancelled)
+        if vectors is None:
+            vectors = ViewVectors.build(ids, matrix, cancelled=cancelled)
     try:
         postings = load_postings(cursor, user_id, text_generation)
     except duckdb.CatalogException:  # no text index yet: BM25 reads DuckDB (and finds nothing)
@@ -251,15 +313,19 @@ def load_view(
 
 
 class ViewCache:
-    """The views of recently searched small users, least recently used dropped first.
+    """The views of recently searched users, least recently used dropped first.
 
     `generation(user)` is read before a build and passed to `install`, which refuses the view
-    if the user's memories changed in between (`invalidate` bumps the generation)."""
+    if the user's memories changed in between (`invalidate` bumps the generation). A dropped
+    or refused view with an HNSW graph waits in `_graphs` for the user's next build
+    (`take_graph`), and counts against `max_rows` until then."""
 
     def __init__(self, max_rows: int = VIEW_CACHE_MAX_ROWS, settle_s: float = VIEW_SETTLE_S) -> None:
         self.max_rows = max_rows
         self.settle_s = settle_s
         self._views: OrderedDict[str, UserView] = OrderedDict()
+        self._graphs: OrderedDict[str, ViewVectors] = OrderedDict()  # dropped views' graphs
+        self._unkept: set[str] = set()  # users whose graph was dropped by a delete since their last install
         self._generations: dict[str, int] = {}
         self._building: set[str] = set()
         self._changed_at: dict[str, float] = {}  # user id -> time.monotonic() of the last write
@@ -293,12 +359,43 @@ class ViewCache:
         with self._lock:
             self._building.discard(user_id)
             if generation != (self._epoch, self._generations.get(user_id, 0)):
+                if user_id not in self._unkept:
+                    self._keep_graph(user_id, view)  # the next build patches it, as it is now
+                self._unkept.discard(user_id)
                 return False
+            self._unkept.discard(user_id)
             self._views[user_id] = view
             self._views.move_to_end(user_id)
-            while sum(len(v.entries) for v in self._views.values()) > self.max_rows and len(self._views) > 1:
-                self._views.popitem(last=False)
+            self._trim()
             return True
+
+    def take_graph(self, user_id: str) -> ViewVectors | None:
+        """The graph of the user's last view, for their next build to patch (no one else may)."""
+        with self._lock:
+            return self._graphs.pop(user_id, None)
+
+    def drop_graph(self, user_id: str) -> None:
+        """After a delete or a wipe: the user's next graph is built anew, so that the vectors of
+        what they deleted do not stay in RAM until the next view."""
+        with self._lock:
+            self._graphs.pop(user_id, None)
+            self._unkept.add(user_id)  # a build patching it now must not put it back
+
+    def _keep_graph(self, user_id: str, view: UserView | None) -> None:
+        if view is not None and view.vectors is not None:
+            self._graphs[user_id] = view.vectors
+            self._graphs.move_to_end(user_id)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop kept graphs, then least recently used views, until all fit in `max_rows`."""
+        def held() -> int:
+            return sum(len(v.entries) for v in self._views.values()) + sum(len(g.keys) for g in self._graphs.values())
+
+        while self._graphs and held() > self.max_rows:
+            self._graphs.popitem(last=False)
+        while len(self._views) > 1 and held() > self.max_rows:
+            self._views.popitem(last=False)
 
     def replace_view(self, user_id: str, old: UserView, new: UserView) -> bool:
         """Put `new` in place of `old` (the same memories with fresher postings), unless `old`
@@ -319,9 +416,10 @@ class ViewCache:
             if user_id is None:
                 self._epoch += 1
                 self._views.clear()
+                self._graphs.clear()
             else:
                 self._generations[user_id] = self._generations.get(user_id, 0) + 1
-                self._views.pop(user_id, None)
+                self._keep_graph(user_id, self._views.pop(user_id, None))
                 self._changed_at[user_id] = time.monotonic()
 
     def patch_access(self, counts: Iterable[tuple[str, dict[str, int]]], at: datetime) -> None:

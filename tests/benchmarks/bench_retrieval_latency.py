@@ -51,8 +51,10 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -404,6 +406,9 @@ def measure(size: int, shape: str, args, embedder, pool, vectors) -> dict:
                 subset = [(t, u) for n, (t, u) in enumerate(zip(texts, users)) if n % 2 == pick]
                 figures[f"latency_ms_{who}"] = time_queries(
                     store, embedder, [t for t, _ in subset], [u for _, u in subset])
+    if args.view_refresh:
+        figures["view_refresh"] = view_refresh_cost(path, heavy, args, embedder)
+        log(f"  view refresh: {figures['view_refresh']}")
     if args.access_cost:
         with MemoryStore.open(path, embedder=HashEmbedder(), clock=FixedClock()) as store:
             figures["record_access_ms"] = record_access_cost(store, heavy, embedder, texts[0])
@@ -412,6 +417,42 @@ def measure(size: int, shape: str, args, embedder, pool, vectors) -> dict:
     if target is not None:
         figures["target_p99_ms"] = target
         figures["target_met"] = figures["latency_ms"]["total"]["p99"] <= target
+    return figures
+
+
+def view_refresh_cost(path: Path, user_id: str, args, embedder) -> dict:
+    """On a copy of the store: seconds to build the user's view from nothing, then to bring it
+    up to date after one new memory (the graph patched), after an edit (a memory re-embedded),
+    and after a delete (the graph built anew), each from the write's return until the view
+    serves again (`VIEW_SETTLE_S` set to 0); and the write itself. Reads in between go to
+    DuckDB, so these are the seconds a user's searches run at the DuckDB figures."""
+    from memory.ownership import edit_memory
+
+    figures: dict = {}
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=path.parent)))
+        copy = scratch / path.name
+        shutil.copyfile(path, copy)
+        store = stack.enter_context(MemoryStore.open(copy, embedder=HashEmbedder(), clock=FixedClock(),
+                                                     view_rows=args.view_rows))
+        store._views.settle_s = 0.0
+        figures["build_s"] = warm_views(store, [user_id]).get(user_id)
+        text = "The user keeps bees on the roof of the old bakery."
+        vector = embedder.embed([text])[0]
+        added: list[str] = []
+        steps = (
+            ("add", lambda: added.append(store.add(user_id, text, embedding=vector, source=MemorySource(
+                "interaction", ref="bench", extractor="rules"))[0].id)),
+            ("edit", lambda: edit_memory(store, user_id, added[0],
+                                         content="The user keeps wasps on the roof of the new bakery.")),
+            ("delete", lambda: store.forget(user_id, added[0])),
+        )
+        for name, write in steps:
+            started = time.perf_counter()
+            write()
+            store._access.drain()
+            figures[f"{name}_write_s"] = round(time.perf_counter() - started, 2)
+            figures[f"{name}_view_s"] = warm_views(store, [user_id]).get(user_id)
     return figures
 
 
@@ -450,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--adds", type=int, default=1000, help="store.add sample (0: skip)")
     parser.add_argument("--access-cost", action="store_true", help="time one record_access")
+    parser.add_argument("--view-refresh", action="store_true",
+                        help="on a copy of each store: a view's build, and its refresh after a write")
     parser.add_argument("--bulk-index-from", type=int, default=1_000_000,
                         help="build the HNSW index after the inserts from this size on")
     parser.add_argument("--build-only", action="store_true")

@@ -8,6 +8,7 @@ import pytest
 
 import memory.indexes
 from memory import HashEmbedder, Link, MemorySource, MemoryStore
+from memory.ownership import edit_memory
 from memory.remember import remember
 
 from .conftest import StepClock
@@ -258,6 +259,64 @@ def test_a_forgotten_memory_leaves_a_large_users_view_and_search(large):
     view = with_view(store)
     assert gone not in view.vectors.keys and gone not in view.postings.docs
     assert gone not in [m.id for m in store.search_text("ada", "library qzt", k=10, touch=False)]
+
+
+def test_a_large_users_graph_is_patched_after_a_write_not_built_again(large):
+    store = large
+    ids = fill_large(store, "ada")
+    graph = with_view(store).vectors.index
+    source = MemorySource("interaction", "turn-bees", "rules", "conv-bees")
+    new = remember(store, "ada", "The user keeps bees on the roof of the bakery.", source=source).entry.id
+    edited = ids[5]
+    edit_memory(store, "ada", edited, content="The user repairs an accordion in the orchard.")
+    view = with_view(store)
+    assert view.vectors.index is graph  # patched: nothing added again but what changed
+    assert new in view.vectors.keys and len(view.vectors.keys) == len(ids) + 1
+    in_ram = [store.vector_neighbours("ada", store.embedder.embed([q])[0], 5)
+              for q in ("bees on the roof", "accordion in the orchard")]
+    assert in_ram[0][0][0] == new and in_ram[1][0][0] == edited  # the edit's new vector, not its old one
+    store._views.claim = lambda user_id: False  # type: ignore[method-assign]
+    in_duckdb = [from_duckdb(store, lambda s, q=q: s.vector_neighbours("ada", s.embedder.embed([q])[0], 5))
+                 for q in ("bees on the roof", "accordion in the orchard")]
+    for ram, db in zip(in_ram, in_duckdb, strict=True):
+        assert [s for _, s in ram] == pytest.approx([s for _, s in db], abs=2e-3)
+
+
+def test_a_delete_drops_a_large_users_graph_with_their_view(large):
+    store = large
+    ids = fill_large(store, "ada")
+    graph = with_view(store).vectors.index
+    store.forget("ada", ids[3])
+    assert with_view(store).vectors.index is not graph  # no deleted vector kept in RAM
+
+
+def test_a_patched_graph_finds_what_a_new_one_finds():
+    from memory.views import ViewVectors
+
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((400, 384)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    ids = [f"m{i:03d}" for i in range(400)]
+    graph = ViewVectors.build(ids, matrix)
+    # 20 deleted, 10 re-embedded, 30 new
+    now_ids = ids[20:] + [f"n{i:03d}" for i in range(30)]
+    now = np.vstack([matrix[20:], rng.standard_normal((30, 384)).astype(np.float32)])
+    now[100:110] = rng.standard_normal((10, 384))
+    now /= np.linalg.norm(now, axis=1, keepdims=True)
+    patched = graph.refreshed(now_ids, now)
+    assert patched is not None and patched.index is graph.index
+    assert sorted(patched.keys) == sorted(now_ids)
+    fresh = ViewVectors.build(now_ids, now)
+    for row in (0, 105, 385):  # kept, re-embedded, new: each its own nearest
+        assert patched.nearest(now[row], 1)[0][0] == now_ids[row]
+        found, expected = patched.nearest(now[row], 5), fresh.nearest(now[row], 5)
+        assert [i for i, _ in found] == [i for i, _ in expected]
+        assert [s for _, s in found] == pytest.approx([s for _, s in expected], abs=2e-3)
+    assert not {i for i, _ in patched.nearest(matrix[5], 10)} & set(ids[:20])  # deleted: gone
+    # the graph the old view held is no longer served; reading it anyway finds no new memory
+    assert all(i in graph.keys for i, _ in graph.nearest(now[385], 10))
+    # most of a user changed: cheaper to build a new graph
+    assert patched.refreshed([f"x{i}" for i in range(400)], matrix) is None
 
 
 def test_closing_the_store_stops_a_graph_build():
