@@ -785,6 +785,32 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 self._views.abandon(user_id)
         return view
 
+    def preload_views(self) -> int:
+        """Start building, in the background, the views of the users active most recently (by
+        their memories' latest access or change), as many as fit in the store's `view_rows`:
+        after a restart their first searches find a view instead of reading DuckDB (at 1M
+        memories a light user's first search reads DuckDB for 25-50 ms; with a view, 5-10 ms).
+        Returns how many users were queued; their views are built one after the other."""
+        if self._views.max_rows <= 0 or self._closing:
+            return 0
+        users = self._cursor().execute(
+            "SELECT user_id, count(*) FROM memories GROUP BY user_id "
+            "ORDER BY max(greatest(updated_at, coalesce(last_accessed, updated_at))) DESC, user_id"
+        ).fetchall()
+        queued = held = 0
+        for user_id, rows in users:
+            if held + rows > self._views.max_rows:
+                continue  # a smaller, less recent user may still fit
+            if self._views.claim(user_id):
+                try:
+                    self._view_builder.submit(self._build_view, user_id, self._views.generation(user_id))
+                except RuntimeError:  # closing
+                    self._views.abandon(user_id)
+                    break
+                queued += 1
+                held += rows
+        return queued
+
     def _build_view(self, user_id: str, generation: tuple[int, int]) -> None:
         try:
             view = load_view(self._cursor(), user_id, text_generation=self._text_generation,

@@ -322,6 +322,8 @@ def _warm_up(settings: Settings, emb: Embedder, model: LocalModel, the_store: Me
     jobs = []
     if settings.memory and the_store is not None and hasattr(emb, "load"):
         jobs.append(emb.load)
+    if settings.memory and the_store is not None and settings.memory_view_preload:
+        jobs.append(the_store.preload_views)  # recently active users' views, built one by one
     if settings.preload_local_model and any(r.provider == "local" for r in settings.routes):
         jobs.append(model.load)
     threads = []

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # Memories held in RAM views for retrieval (memory/views.py; ~3 KB each with the search
     # legs); a user with more than this many is read from DuckDB.
     memory_view_rows: int = Field(default=196_608, ge=0)
+    # At start, build the views of the users active most recently (as many as fit), so that
+    # their first searches after a restart do not read DuckDB.
+    memory_view_preload: bool = True
     maintenance_interval_s: float = Field(default=600.0, gt=0)  # promotion, expiry, decay
     # The background learner (docs/learner.md): "inprocess" runs the jobs in the server;
     # "external": a `memlane learner --url` process leases them over HTTP, the server still writes.

@@ -19,7 +19,10 @@ User shapes:
   case for one user's search (the HNSW path: more than 4,096 vectors for the user).
 - `shared` (1M): one heavy user holds half of them (the HNSW path over a store shared with
   others) and 500 light users hold 1,000 each (their search is the exact per-user scan); the
-  queries alternate between the heavy user and light users.
+  queries alternate between the heavy user and light users. Each light user is asked once,
+  so without `--preload` every light query is that user's first since the store opened (read
+  from DuckDB while their view builds); `--preload` builds every view that fits in
+  `--view-rows` first, as `memlane serve` does at start (`MemoryStore.preload_views`).
 
 Build: `store.insert_many` in batches of 10,000 (the HNSW index exists from `MemoryStore.open`
 on, so it is maintained during the inserts: the insert rate includes it), then
@@ -397,6 +400,12 @@ def measure(size: int, shape: str, args, embedder, pool, vectors) -> dict:
             users = [("u-heavy" if n % 2 == 0 else light[n % len(light)]) for n in range(len(texts))]
         heavy = users[0]
         figures["hnsw_in_plan"] = explain_uses_hnsw(store, heavy, vectors[0])
+        if args.preload:  # as `memlane serve` starts: every user that fits, most recent first
+            started = time.perf_counter()
+            queued = store.preload_views()
+            store.flush()
+            figures["preload"] = {"users": queued, "seconds": round(time.perf_counter() - started, 1)}
+            log(f"  views preloaded: {figures['preload']}")
         built = warm_views(store, users[:1] if shape == "single" else users[:2])
         figures["view_build_s"] = built
         log(f"  RAM views built before timing: {built}")
@@ -491,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--adds", type=int, default=1000, help="store.add sample (0: skip)")
     parser.add_argument("--access-cost", action="store_true", help="time one record_access")
+    parser.add_argument("--preload", action="store_true",
+                        help="build every view that fits before timing (MEMLANE_MEMORY_VIEW_PRELOAD at start)")
     parser.add_argument("--view-refresh", action="store_true",
                         help="on a copy of each store: a view's build, and its refresh after a write")
     parser.add_argument("--bulk-index-from", type=int, default=1_000_000,

@@ -168,6 +168,26 @@ def test_maintenance_updates_in_one_transaction_and_leaves_no_stale_view(store, 
     assert all(fresh.entries[i].confidence.recency < 0.9 for i in ids if i in fresh.entries)
 
 
+def test_a_reopened_store_preloads_the_views_of_the_users_active_last(db_path, clock):
+    with MemoryStore.open(db_path, embedder=HashEmbedder(), clock=clock) as store:
+        for user in ("ada", "bob", "cy"):  # cy active last, then bob; ada first
+            fill(store, user)
+    with MemoryStore.open(db_path, embedder=HashEmbedder(), clock=clock,
+                          view_rows=2 * len(FACTS) + 1) as store:  # room for two of the three
+        assert store.preload_views() == 2
+        store.flush()
+        assert store._views.get("cy") is not None and store._views.get("bob") is not None
+        assert store._views.get("ada") is None
+        calls = []
+        cursor = store._cursor
+        store._cursor = lambda: (calls.append(1), cursor())[1]  # type: ignore[method-assign]
+        first = next(iter(store._views.get("cy").entries))
+        assert [m.id for m in store.get_many("cy", [first], relations=False)] == [first]
+        assert calls == []  # cy's first read after the restart did not go to DuckDB
+    with MemoryStore.open(db_path, embedder=HashEmbedder(), clock=clock, view_rows=0) as store:
+        assert store.preload_views() == 0  # views off
+
+
 # -- large users: the search legs in RAM ------------------------------------------------
 
 NOUNS = ["garden", "violin", "bakery", "harbour", "bicycle", "lantern", "orchard", "library"]
