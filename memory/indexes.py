@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import structlog
 
 from memory.rows import EMBEDDING_DIM, vector_param
@@ -114,8 +115,25 @@ def fetch_user_vectors(cursor: duckdb.DuckDBPyConnection, user_id: str) -> tuple
         "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
     ).fetch_arrow_table()
     ids = table.column("id").to_pylist()
+    return ids, _matrix(table, len(ids))
+
+
+def fetch_hashed_vectors(
+    cursor: duckdb.DuckDBPyConnection, user_id: str, memory_ids: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray, list[int]]:
+    """The user's vectors (all, or those of `memory_ids`) in id order, each with DuckDB's hash
+    of it, read in the same query: (ids, (n, 384), hashes)."""
+    where, params = ("", [user_id]) if memory_ids is None else (" AND list_contains(?, id)", [user_id, list(memory_ids)])
+    table = cursor.execute(
+        f"SELECT id, embedding, hash(embedding) FROM memory_vectors WHERE user_id = ?{where} ORDER BY id", params
+    ).fetch_arrow_table()
+    ids = table.column(0).to_pylist()
+    return ids, _matrix(table, len(ids)), table.column(2).to_pylist()
+
+
+def _matrix(table: pa.Table, rows: int) -> np.ndarray:
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return ids, np.asarray(flat, dtype=np.float32).reshape(len(ids), EMBEDDING_DIM)
+    return np.asarray(flat, dtype=np.float32).reshape(rows, EMBEDDING_DIM)
 
 
 def query_words(text: str, stopwords: frozenset[str]) -> list[str]:

@@ -541,7 +541,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 cursor.execute("ROLLBACK")
                 raise
             self._user_changed(user_id)
-            self._views.drop_graph(user_id)
+            self._views.drop_previous(user_id)
             self._deletes_since_index_load += len(ids)
             self._rebuild_vector_index_if_due(cursor)
         self.refresh_text_index()
@@ -592,7 +592,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 cursor.execute("ROLLBACK")
                 raise
             self._user_changed(user_id)
-            self._views.drop_graph(user_id)
+            self._views.drop_previous(user_id)
             self._deletes_since_index_load += counts["memory_vectors"]
             self._rebuild_vector_index_if_due(cursor)
         self.refresh_text_index()
@@ -815,7 +815,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         try:
             view = load_view(self._cursor(), user_id, text_generation=self._text_generation,
                              ann_min_rows=_indexes.EXACT_SCAN_MAX_ROWS, cancelled=lambda: self._closing,
-                             previous=self._views.take_graph(user_id))
+                             previous=self._views.take_previous(user_id))
         except BuildCancelled:
             self._views.abandon(user_id)
             return

@@ -19,11 +19,13 @@ filtered by user (9-20 ms at 100k). Smaller users' vectors are scanned exactly f
 Freshness: a view is built in the background (the request that finds none is answered by
 DuckDB, as before) and dropped by every write to the user's memories, links or sources. A
 build that overlaps a write is discarded (`ViewCache.install` compares generations), so a view
-never shows less than the database did when it was installed. A dropped view's HNSW graph is
-kept aside: the next build of that user's view re-reads the rows but patches the graph
-(`ViewVectors.refreshed`: new and re-embedded memories added, deleted ones removed) instead of
-building it again, which is most of a large user's build (~35 s per 100k vectors on one core). Access statistics, written in
-batches (`memory.access`), are patched into the view rather than dropping it. The postings
+never shows less than the database did when it was installed. A large user's dropped view is
+kept aside for their next build, which reads again only the rows whose hash changed and patches
+the HNSW graph (`ViewVectors.refreshed`: new and re-embedded vectors added, deleted ones
+removed) instead of building it again: the graph is most of a large user's build (~35 s per
+100k vectors on one core), reading and converting the rows most of the rest (~3 s). Access
+statistics, written in batches (`memory.access`), are patched into the view rather than
+dropping it. The postings
 follow the text index, which is rebuilt on its own schedule: they carry the index's generation,
 and a search that finds them older reads BM25 from DuckDB while the store reloads them.
 """
@@ -66,8 +68,6 @@ ANN_MIN_ROWS = 16_384  # above this many vectors a view holds the user's HNSW gr
 HNSW_CONNECTIVITY, HNSW_EXPANSION_ADD, HNSW_EXPANSION_SEARCH = 16, 128, 64
 BM25_K1, BM25_B = 1.2, 0.75
 BUILD_CHUNK = 4096  # vectors added to a graph between checks for cancellation (~1.5 s)
-COMPARE_CHUNK = 16_384  # vectors read back from a graph at a time to find re-embedded memories
-F16_TOLERANCE = 4e-3  # a stored f16 vector within this of the memory's (unit) vector is the same one
 REFRESH_MAX_SHARE = 0.25  # a graph with more of its vectors changed is built again, not patched
 
 
@@ -79,53 +79,51 @@ class BuildCancelled(Exception):
 class ViewVectors:
     """A large user's vectors (history included) as an HNSW graph in RAM: key k is `ids[k]`
     while `keys[ids[k]] == k` (a key whose memory was deleted or re-embedded is removed from
-    the graph and from `keys`; `ids` keeps its slot). Successive views of a user may share one
-    graph (`refreshed`), so every use of it holds `lock`."""
+    the graph and from `keys`; `ids` keeps its slot). `hashes` holds DuckDB's hash of each
+    vector in the graph, which is how `refreshed` finds the ones that changed. Successive views
+    of a user may share one graph (`refreshed`), so every use of it holds `lock`."""
 
     ids: list[str]
     keys: dict[str, int]
+    hashes: dict[str, int]
     index: Index
     lock: threading.Lock
 
     @classmethod
-    def build(cls, ids: list[str], matrix: np.ndarray, *, cancelled: Callable[[], bool] = lambda: False) -> ViewVectors:
+    def build(cls, ids: list[str], matrix: np.ndarray, hashes: Sequence[int] | None = None, *,
+              cancelled: Callable[[], bool] = lambda: False) -> ViewVectors:
         """The graph of `matrix`'s rows, added on one thread (requests run beside it) in chunks,
-        between which `cancelled()` may stop the build (the store is closing)."""
+        between which `cancelled()` may stop the build (the store is closing). Without
+        `hashes` every vector counts as changed at the next `refreshed`."""
         index = Index(ndim=EMBEDDING_DIM, metric="cos", dtype="f16", connectivity=HNSW_CONNECTIVITY,
                       expansion_add=HNSW_EXPANSION_ADD, expansion_search=HNSW_EXPANSION_SEARCH)
-        vectors = cls([], {}, index, threading.Lock())
-        return vectors._with_added(ids, matrix, cancelled)
+        vectors = cls([], {}, {}, index, threading.Lock())
+        return vectors._with_added(ids, matrix, hashes, cancelled)
 
-    def refreshed(self, ids: list[str], matrix: np.ndarray, *,
-                  cancelled: Callable[[], bool] = lambda: False) -> ViewVectors | None:
-        """The graph of the user's vectors now (`ids`, `matrix` as `build` takes them), made
-        from this one by removing what left or changed and adding what is new; None when that
-        is more work than a new graph (over `REFRESH_MAX_SHARE` of it changed, or removed slots
-        over half the live ones): the caller builds one. This view must not be served after."""
-        now = dict(zip(ids, range(len(ids)), strict=True))
-        gone = [self.keys[i] for i in self.keys.keys() - now.keys()]
-        kept = [i for i in ids if i in self.keys]
-        for start in range(0, len(kept), COMPARE_CHUNK):  # re-embedded memories: their vector moved
-            chunk = kept[start:start + COMPARE_CHUNK]
-            with self.lock:
-                old = np.asarray(self.index.get(np.array([self.keys[i] for i in chunk], dtype=np.uint64),
-                                                dtype=np.float32)).reshape(len(chunk), EMBEDDING_DIM)
-            new = matrix[[now[i] for i in chunk]]
-            moved = np.flatnonzero(np.abs(old - new).max(axis=1) > F16_TOLERANCE)
-            gone.extend(self.keys[chunk[r]] for r in moved)
-        gone_ids = {self.ids[k] for k in gone}
-        added = [i for i in ids if i not in self.keys or i in gone_ids]
+    def refreshed(self, hashes: dict[str, int], fetch: Callable[[list[str]], tuple[list[str], np.ndarray, list[int]]],
+                  *, cancelled: Callable[[], bool] = lambda: False) -> ViewVectors | None:
+        """The graph of the user's vectors now, given their ids and hashes (`hashes`), made from
+        this one by removing the vectors that left or changed and adding, through `fetch(ids)`
+        (-> ids, vectors, hashes), the new and changed ones; None when that is more work than
+        a new graph (over `REFRESH_MAX_SHARE` of it changed, or removed slots over half the
+        live ones): the caller builds one. This view must not be served after."""
+        moved = [i for i, h in hashes.items() if self.hashes.get(i) != h]  # new or re-embedded
+        moved_set = set(moved)
+        gone = [k for i, k in self.keys.items() if i not in hashes or i in moved_set]
         tombstones = len(self.ids) - len(self.keys) + len(gone)
-        if len(gone) + len(added) > REFRESH_MAX_SHARE * len(ids) or tombstones > len(ids) // 2:
+        if len(gone) + len(moved) > REFRESH_MAX_SHARE * len(hashes) or tombstones > len(hashes) // 2:
             return None
+        gone_ids = {self.ids[k] for k in gone}
         keys = {i: k for i, k in self.keys.items() if i not in gone_ids}
+        kept = {i: h for i, h in self.hashes.items() if i in keys}
         if gone:
             with self.lock:
                 self.index.remove(np.array(gone, dtype=np.uint64))
-        patched = ViewVectors(list(self.ids), keys, self.index, self.lock)
-        return patched._with_added(added, matrix[[now[i] for i in added]], cancelled)
+        patched = ViewVectors(list(self.ids), keys, kept, self.index, self.lock)
+        return patched._with_added(*fetch(moved), cancelled) if moved else patched
 
-    def _with_added(self, ids: list[str], matrix: np.ndarray, cancelled: Callable[[], bool]) -> ViewVectors:
+    def _with_added(self, ids: list[str], matrix: np.ndarray, hashes: Sequence[int] | None,
+                    cancelled: Callable[[], bool]) -> ViewVectors:
         """Add these memories' vectors to the graph (new keys after `ids`'s slots), in chunks."""
         first = len(self.ids)
         for start in range(0, len(ids), BUILD_CHUNK):
@@ -136,6 +134,8 @@ class ViewVectors:
                 self.index.add(np.arange(first + start, first + stop, dtype=np.uint64), matrix[start:stop], threads=1)
         self.ids.extend(ids)
         self.keys.update(zip(ids, range(first, first + len(ids)), strict=True))
+        if hashes is not None:
+            self.hashes.update(zip(ids, hashes, strict=True))
         return self
 
     def nearest(self, query: np.ndarray, n: int) -> list[tuple[str, float]]:
@@ -222,6 +222,7 @@ class UserView:
     signature: tuple[int, datetime | None]  # (current memories, their latest update)
     vectors: ViewVectors | None = None  # large users only (above ANN_MIN_ROWS vectors)
     postings: ViewPostings | None = None  # None: no text index yet
+    row_hashes: dict[str, int] | None = None  # memory id -> DuckDB's hash of its row when read
 
     def get_many(self, memory_ids: Sequence[str]) -> list[MemoryEntry]:
         return [self.entries[i] for i in dict.fromkeys(memory_ids) if i in self.entries]
@@ -263,15 +264,17 @@ class UserView:
 def load_view(
     cursor: duckdb.DuckDBPyConnection, user_id: str, *, text_generation: int = 0,
     ann_min_rows: int = ANN_MIN_ROWS, cancelled: Callable[[], bool] = lambda: False,
-    previous: ViewVectors | None = None,
+    previous: UserView | None = None,
 ) -> UserView:
-    """Read one user's memories, links, conversation sources and postings (four queries); for
-    a large user also their vectors, into an HNSW graph (~40 s per 100k on one core), or into
-    `previous`, the graph of their last view, patched (`ViewVectors.refreshed`)."""
-    from memory.indexes import fetch_user_vectors  # indexes imports this module
+    """Read one user's memories, links, conversation sources and postings; for a large user
+    also their vectors, into an HNSW graph (~40 s per 100k on one core).
 
-    rows = cursor.execute(f"SELECT {ENTRY_COLUMNS} FROM memories WHERE user_id = ?", [user_id]).fetchall()
-    entries = {row[0]: entry_from_row(row) for row in rows}
+    With `previous`, the user's last view (dropped by a write since), only the memories whose
+    row changed are read again (DuckDB's row hash tells them apart; the rest are taken from
+    `previous`) and its graph is patched (`ViewVectors.refreshed`) instead of built anew."""
+    from memory.indexes import fetch_hashed_vectors  # indexes imports this module
+
+    entries, row_hashes = _load_entries(cursor, user_id, previous)
     links: dict[str, list[Link]] = {}
     for src, dst, kind, weight in cursor.execute(
         "SELECT src_id, dst_id, kind, weight FROM memory_links WHERE user_id = ?", [user_id]
@@ -292,11 +295,12 @@ def load_view(
     current = [e.updated_at for e in entries.values() if e.valid_to is None]
     vectors = postings = None
     if len(entries) > ann_min_rows:
-        ids, matrix = fetch_user_vectors(cursor, user_id)
-        if previous is not None:
-            vectors = previous.refreshed(ids, matrix, cancelled=cancelled)
+        if previous is not None and previous.vectors is not None:
+            vectors = previous.vectors.refreshed(
+                _vector_hashes(cursor, user_id), lambda ids: fetch_hashed_vectors(cursor, user_id, ids),
+                cancelled=cancelled)
         if vectors is None:
-            vectors = ViewVectors.build(ids, matrix, cancelled=cancelled)
+            vectors = ViewVectors.build(*fetch_hashed_vectors(cursor, user_id), cancelled=cancelled)
     try:
         postings = load_postings(cursor, user_id, text_generation)
     except duckdb.CatalogException:  # no text index yet: BM25 reads DuckDB (and finds nothing)
@@ -309,7 +313,40 @@ def load_view(
         (len(current), max(current, default=None)),
         vectors,
         postings,
+        row_hashes,
     )
+
+
+def _load_entries(cursor: duckdb.DuckDBPyConnection, user_id: str,
+                  previous: UserView | None) -> tuple[dict[str, MemoryEntry], dict[str, int]]:
+    """The user's memories and their row hashes; those whose hash `previous` holds are taken
+    from it (reading and converting rows is most of a view's reload: ~3 s per 100k)."""
+    select = f"SELECT {ENTRY_COLUMNS}, hash(m) FROM memories m WHERE user_id = ?"
+    if previous is None or previous.row_hashes is None:
+        rows = cursor.execute(select, [user_id]).fetchall()
+        return {r[0]: entry_from_row(r[:-1]) for r in rows}, {r[0]: r[-1] for r in rows}
+    table = cursor.execute("SELECT id, hash(m) FROM memories m WHERE user_id = ?", [user_id]).to_arrow_table()
+    now = dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    changed = {i for i, h in now.items() if previous.row_hashes.get(i) != h}
+    # Read again: the rows that changed, each with the hash of what was read, since a row may
+    # change again between the two queries (the next reload then reads it once more).
+    rows = cursor.execute(f"{select} AND list_contains(?, id)", [user_id, list(changed)]).fetchall() if changed else []
+    fresh = {r[0]: (entry_from_row(r[:-1]), r[-1]) for r in rows}
+    entries: dict[str, MemoryEntry] = {}
+    hashes: dict[str, int] = {}
+    for memory_id in now:
+        if memory_id in fresh:
+            entries[memory_id], hashes[memory_id] = fresh[memory_id]
+        elif memory_id not in changed:
+            entries[memory_id], hashes[memory_id] = previous.entries[memory_id], previous.row_hashes[memory_id]
+    return entries, hashes
+
+
+def _vector_hashes(cursor: duckdb.DuckDBPyConnection, user_id: str) -> dict[str, int]:
+    table = cursor.execute(
+        "SELECT id, hash(embedding) FROM memory_vectors WHERE user_id = ?", [user_id]
+    ).to_arrow_table()
+    return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 
 class ViewCache:
@@ -317,15 +354,15 @@ class ViewCache:
 
     `generation(user)` is read before a build and passed to `install`, which refuses the view
     if the user's memories changed in between (`invalidate` bumps the generation). A dropped
-    or refused view with an HNSW graph waits in `_graphs` for the user's next build
-    (`take_graph`), and counts against `max_rows` until then."""
+    or refused view of a large user (one with an HNSW graph) waits in `_previous` for the
+    user's next build to update (`take_previous`), and counts against `max_rows` until then."""
 
     def __init__(self, max_rows: int = VIEW_CACHE_MAX_ROWS, settle_s: float = VIEW_SETTLE_S) -> None:
         self.max_rows = max_rows
         self.settle_s = settle_s
         self._views: OrderedDict[str, UserView] = OrderedDict()
-        self._graphs: OrderedDict[str, ViewVectors] = OrderedDict()  # dropped views' graphs
-        self._unkept: set[str] = set()  # users whose graph was dropped by a delete since their last install
+        self._previous: OrderedDict[str, UserView] = OrderedDict()  # dropped views of large users
+        self._unkept: set[str] = set()  # users whose previous view a delete dropped since their last install
         self._generations: dict[str, int] = {}
         self._building: set[str] = set()
         self._changed_at: dict[str, float] = {}  # user id -> time.monotonic() of the last write
@@ -360,7 +397,7 @@ class ViewCache:
             self._building.discard(user_id)
             if generation != (self._epoch, self._generations.get(user_id, 0)):
                 if user_id not in self._unkept:
-                    self._keep_graph(user_id, view)  # the next build patches it, as it is now
+                    self._keep_previous(user_id, view)  # the next build updates it, as it is now
                 self._unkept.discard(user_id)
                 return False
             self._unkept.discard(user_id)
@@ -369,31 +406,31 @@ class ViewCache:
             self._trim()
             return True
 
-    def take_graph(self, user_id: str) -> ViewVectors | None:
-        """The graph of the user's last view, for their next build to patch (no one else may)."""
+    def take_previous(self, user_id: str) -> UserView | None:
+        """The user's last view (dropped since), for their next build to update; no one else may."""
         with self._lock:
-            return self._graphs.pop(user_id, None)
+            return self._previous.pop(user_id, None)
 
-    def drop_graph(self, user_id: str) -> None:
-        """After a delete or a wipe: the user's next graph is built anew, so that the vectors of
-        what they deleted do not stay in RAM until the next view."""
+    def drop_previous(self, user_id: str) -> None:
+        """After a delete or a wipe: the user's next view is built anew, so that what they deleted
+        (rows, vectors) does not stay in RAM until then."""
         with self._lock:
-            self._graphs.pop(user_id, None)
-            self._unkept.add(user_id)  # a build patching it now must not put it back
+            self._previous.pop(user_id, None)
+            self._unkept.add(user_id)  # a build updating it now must not put it back
 
-    def _keep_graph(self, user_id: str, view: UserView | None) -> None:
+    def _keep_previous(self, user_id: str, view: UserView | None) -> None:
         if view is not None and view.vectors is not None:
-            self._graphs[user_id] = view.vectors
-            self._graphs.move_to_end(user_id)
+            self._previous[user_id] = view
+            self._previous.move_to_end(user_id)
             self._trim()
 
     def _trim(self) -> None:
-        """Drop kept graphs, then least recently used views, until all fit in `max_rows`."""
+        """Drop kept previous views, then least recently used views, until all fit in `max_rows`."""
         def held() -> int:
-            return sum(len(v.entries) for v in self._views.values()) + sum(len(g.keys) for g in self._graphs.values())
+            return sum(len(v.entries) for views in (self._views, self._previous) for v in views.values())
 
-        while self._graphs and held() > self.max_rows:
-            self._graphs.popitem(last=False)
+        while self._previous and held() > self.max_rows:
+            self._previous.popitem(last=False)
         while len(self._views) > 1 and held() > self.max_rows:
             self._views.popitem(last=False)
 
@@ -416,10 +453,10 @@ class ViewCache:
             if user_id is None:
                 self._epoch += 1
                 self._views.clear()
-                self._graphs.clear()
+                self._previous.clear()
             else:
                 self._generations[user_id] = self._generations.get(user_id, 0) + 1
-                self._keep_graph(user_id, self._views.pop(user_id, None))
+                self._keep_previous(user_id, self._views.pop(user_id, None))
                 self._changed_at[user_id] = time.monotonic()
 
     def patch_access(self, counts: Iterable[tuple[str, dict[str, int]]], at: datetime) -> None:

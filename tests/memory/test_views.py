@@ -284,7 +284,8 @@ def test_a_forgotten_memory_leaves_a_large_users_view_and_search(large):
 def test_a_large_users_graph_is_patched_after_a_write_not_built_again(large):
     store = large
     ids = fill_large(store, "ada")
-    graph = with_view(store).vectors.index
+    before = with_view(store)
+    graph = before.vectors.index
     source = MemorySource("interaction", "turn-bees", "rules", "conv-bees")
     new = remember(store, "ada", "The user keeps bees on the roof of the bakery.", source=source).entry.id
     edited = ids[5]
@@ -292,6 +293,9 @@ def test_a_large_users_graph_is_patched_after_a_write_not_built_again(large):
     view = with_view(store)
     assert view.vectors.index is graph  # patched: nothing added again but what changed
     assert new in view.vectors.keys and len(view.vectors.keys) == len(ids) + 1
+    assert view.entries[ids[0]] is before.entries[ids[0]]  # an unchanged row is not read again
+    assert view.entries[edited].content == "The user repairs an accordion in the orchard."
+    assert view.entries[new].content == "The user keeps bees on the roof of the bakery."
     in_ram = [store.vector_neighbours("ada", store.embedder.embed([q])[0], 5)
               for q in ("bees on the roof", "accordion in the orchard")]
     assert in_ram[0][0][0] == new and in_ram[1][0][0] == edited  # the edit's new vector, not its old one
@@ -313,18 +317,31 @@ def test_a_delete_drops_a_large_users_graph_with_their_view(large):
 def test_a_patched_graph_finds_what_a_new_one_finds():
     from memory.views import ViewVectors
 
+    def hashed(ids, matrix):
+        return ids, matrix, [hash(row.tobytes()) for row in matrix]
+
     rng = np.random.default_rng(3)
     matrix = rng.standard_normal((400, 384)).astype(np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     ids = [f"m{i:03d}" for i in range(400)]
-    graph = ViewVectors.build(ids, matrix)
+    graph = ViewVectors.build(*hashed(ids, matrix))
     # 20 deleted, 10 re-embedded, 30 new
     now_ids = ids[20:] + [f"n{i:03d}" for i in range(30)]
-    now = np.vstack([matrix[20:], rng.standard_normal((30, 384)).astype(np.float32)])
-    now[100:110] = rng.standard_normal((10, 384))
-    now /= np.linalg.norm(now, axis=1, keepdims=True)
-    patched = graph.refreshed(now_ids, now)
+    unit = rng.standard_normal((40, 384)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    now = np.vstack([matrix[20:], unit[:30]])
+    now[100:110] = unit[30:]
+    _, _, now_hashes = hashed(now_ids, now)
+    fetched = []
+
+    def fetch(wanted):
+        fetched.extend(wanted)
+        rows = [now_ids.index(i) for i in wanted]
+        return hashed(wanted, now[rows])
+
+    patched = graph.refreshed(dict(zip(now_ids, now_hashes)), fetch)
     assert patched is not None and patched.index is graph.index
+    assert sorted(fetched) == sorted(now_ids[100:110] + now_ids[380:])  # only what changed is read
     assert sorted(patched.keys) == sorted(now_ids)
     fresh = ViewVectors.build(now_ids, now)
     for row in (0, 105, 385):  # kept, re-embedded, new: each its own nearest
@@ -336,7 +353,7 @@ def test_a_patched_graph_finds_what_a_new_one_finds():
     # the graph the old view held is no longer served; reading it anyway finds no new memory
     assert all(i in graph.keys for i, _ in graph.nearest(now[385], 10))
     # most of a user changed: cheaper to build a new graph
-    assert patched.refreshed([f"x{i}" for i in range(400)], matrix) is None
+    assert patched.refreshed({f"x{i}": i for i in range(400)}, fetch) is None
 
 
 def test_closing_the_store_stops_a_graph_build():
