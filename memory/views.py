@@ -158,6 +158,11 @@ class ViewVectors:
             return {}
         with self.lock:
             vectors = self.index.get(np.array([k for _, k in found], dtype=np.uint64), dtype=np.float32)
+        if isinstance(vectors, tuple):  # some keys were removed: a newer view patched the graph
+            kept = [(f, v) for f, v in zip(found, vectors, strict=True) if v is not None]
+            if not kept:
+                return {}
+            found, vectors = [f for f, _ in kept], [v for _, v in kept]
         scores = np.asarray(vectors).reshape(len(found), EMBEDDING_DIM) @ query
         return {i: float(s) for (i, _), s in zip(found, scores)}
 

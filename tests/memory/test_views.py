@@ -352,6 +352,7 @@ def test_a_patched_graph_finds_what_a_new_one_finds():
     assert not {i for i, _ in patched.nearest(matrix[5], 10)} & set(ids[:20])  # deleted: gone
     # the graph the old view held is no longer served; reading it anyway finds no new memory
     assert all(i in graph.keys for i, _ in graph.nearest(now[385], 10))
+    assert set(graph.similarities(matrix[0], [ids[0], ids[25]])) == {ids[25]}  # ids[0]'s vector left it
     # most of a user changed: cheaper to build a new graph
     assert patched.refreshed({f"x{i}": i for i in range(400)}, fetch) is None
 
