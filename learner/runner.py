@@ -125,6 +125,7 @@ class JobRunner:
                 ran = self.run_once()
             except Exception as exc:  # the store is gone or broken: log, wait, try again
                 log.error("job_failed", step="lease", error=repr(exc))
+                self.store.recover_soon(exc)  # DuckDB invalidated the database: reopen it
                 ran = 0
                 if self._stopping.is_set():
                     return

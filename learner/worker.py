@@ -201,6 +201,7 @@ class LearnerWorker:
             self.store.maintain()
         except Exception as exc:  # one failed pass must not stop the learner; the next one retries
             log.error("job_failed", step="maintenance", error=repr(exc))
+            self.store.recover_soon(exc)
 
     def _next_batch(self) -> tuple[list[Exchange], bool]:
         try:
@@ -223,8 +224,9 @@ class LearnerWorker:
 
     def _process(self, batch: Sequence[Exchange]) -> None:
         jobs = [j for e in batch if (j := job_of(e)) is not None]
+        records = [to_record(e) for e in batch]
         try:
-            self.store.log_interactions_and_jobs([to_record(e) for e in batch], jobs)
+            self._write(records, jobs)
             self.observer.written(len(batch))
         except Exception as exc:  # per batch: logged with the exception; the rows are lost
             log.error("teacher_log_write_failed", rows=len(batch), jobs=len(jobs), error=repr(exc))
@@ -241,6 +243,18 @@ class LearnerWorker:
                 self._feed_nml(exchange)
             except Exception as exc:
                 log.error("job_failed", step="nml_feed", request_id=exchange.request_id, error=repr(exc))
+
+    def _write(self, records: list[InteractionRecord], jobs: list[NewJob]) -> None:
+        """Write a batch; if DuckDB invalidated the database, reopen it and write the batch again."""
+        try:
+            self.store.log_interactions_and_jobs(records, jobs)
+        except duckdb.FatalException:
+            if not self.store.recover():
+                raise
+            try:
+                self.store.log_interactions_and_jobs(records, jobs)
+            except duckdb.ConstraintException:  # committed before the error struck (the WAL kept it)
+                pass
 
     def _feed_nml(self, exchange: Exchange) -> None:
         answer, _ = assemble(exchange.response_raw, stream=exchange.stream) if exchange.response_raw else (None, None)

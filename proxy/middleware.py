@@ -12,10 +12,11 @@ import re
 import time
 import uuid
 
+import duckdb
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.errors import ProxyError, RequestTooLarge, error_response
+from proxy.errors import ProxyError, RequestTooLarge, ServiceUnavailable, error_response
 from proxy.metrics import Metrics
 
 log = structlog.get_logger("memlane.http")
@@ -93,6 +94,15 @@ class RequestContextMiddleware:
                 raise
             status = err.status
             await self._send_error(send, err, request_id)
+        except duckdb.FatalException as exc:  # DuckDB invalidated the database: reopened in the background
+            log.error("memory_store_invalidated", error=type(exc).__name__, path=scope["path"])
+            _recover_store(scope, exc)
+            if response_started:
+                raise
+            status = 503
+            await self._send_error(send, ServiceUnavailable(
+                "The memory store hit a database error and is being reopened; retry shortly.",
+                code="memory_unavailable"), request_id)
         except Exception as exc:
             log.error("unhandled_error", error=repr(exc), path=scope["path"])
             if response_started:
@@ -119,3 +129,10 @@ class RequestContextMiddleware:
             return  # probes are noise; a served chat request already logged chat_done
         log.info("http_request", method=scope["method"], route=route, status=status,
                  latency_ms=round(elapsed * 1000, 3))
+
+
+def _recover_store(scope: Scope, error: BaseException) -> None:
+    state = getattr(getattr(scope.get("app"), "state", None), "memlane", None)
+    store = getattr(state, "store", None)
+    if store is not None:
+        store.recover_soon(error)

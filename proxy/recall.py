@@ -97,6 +97,7 @@ class Recaller:
         except Exception as exc:  # TimeoutError included: answer without memory, say so
             self.metrics.memory_failures.inc()
             log.warning("memory_degraded", error=type(exc).__name__)
+            self.store.recover_soon(exc)  # DuckDB invalidated the database: reopen it for the next requests
             fallback = await self._from_preload(user_id, body, provider, text, reason="fallback")
             return fallback or Recall(body, 0, "degraded")
         if self.egress is not None:  # before anything reads them: a label a provider may not see stays here

@@ -46,6 +46,7 @@ async def readyz(request: Request) -> Response:
                 checks["store"] = "ok"
             except Exception as exc:
                 checks["store"], ready = f"error: {type(exc).__name__}", False
+                state.store.recover_soon(exc)
         loaded = getattr(state.embedder, "loaded", True)
         checks["embedder"] = "loaded" if loaded else "loading"
         ready = ready and loaded

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from tests.duckdb_faults import invalidate_database
 from tests.e2e.fake_upstream import FakeUpstream
 from tests.hardening.conftest import assert_openai_error, chat, serving, settings_for
 
@@ -112,3 +113,51 @@ def test_broken_text_index(tmp_path, upstream, store):
         text = "what do I keep on the roof?"
         r, elapsed = ask(server, text)
     assert_answered_without_memory(r, elapsed, upstream, text)
+
+
+def test_a_database_duckdb_invalidated_is_reopened_without_a_restart(tmp_path, upstream, store):
+    """After a fatal DuckDB error (here a checkpoint that could not write) every query on the
+    database fails until it is opened again: memlane keeps answering, reopens it in the
+    background, and memory, readiness and the teacher log come back, with nothing lost."""
+    store.add("default", "The user keeps bees on the roof.", source="test")
+    with serving(settings_for(tmp_path, upstream.base_url, memory_budget_ms=BUDGET_MS), store) as server:
+        assert ask(server, "hello before the error")[0].headers["x-memlane-memory"] in ("on", "degraded")
+        invalidate_database(store)
+        texts = [f"what do I keep on the roof, bees? ({i})" for i in range(40)]
+        answers = []
+        for text in texts:
+            r, _ = ask(server, text)
+            answers.append(r)
+            if r.headers["x-memlane-memory"] == "on" and store.recoveries:
+                break
+            time.sleep(0.1)
+        ready = httpx.get(f"{server.url}/readyz")
+        listing = httpx.get(f"{server.url}/v1/memories")
+        store.flush()
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert store.recoveries == 1
+    assert answers[-1].headers["x-memlane-memory"] == "on" and answers[-1].headers["x-memlane-memories"] == "1"
+    assert "bees" in upstream.state.requests[-1]["messages"][0]["content"]
+    assert ready.status_code == 200, ready.text
+    assert listing.status_code == 200 and len(listing.json()["data"]) == 1
+    # Every answered request is in the teacher log, those answered while the database was invalid too
+    logged = {row["request_id"] for row in store.interactions(user_id="default", limit=1000)}
+    assert {r.headers["x-request-id"] for r in answers} <= logged
+
+
+def test_a_memories_call_on_an_invalidated_database_gets_a_503_and_starts_the_reopen(tmp_path, upstream, store):
+    store.add("default", "The user keeps bees on the roof.", source="test")
+    reconnect, store._reconnect = store._reconnect, None  # hold the reopening back to see the error
+    with serving(settings_for(tmp_path, upstream.base_url, memory_budget_ms=BUDGET_MS), store) as server:
+        invalidate_database(store)
+        failed = httpx.get(f"{server.url}/v1/memories")
+        store._reconnect = reconnect
+        started = httpx.get(f"{server.url}/v1/memories")  # this one starts the reopening
+        deadline = time.monotonic() + 10
+        while store.recoveries == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listing = httpx.get(f"{server.url}/v1/memories")
+    for r in (failed, started):
+        assert r.status_code == 503 and assert_openai_error(r)["code"] == "memory_unavailable"
+        assert "retry" in r.json()["error"]["message"]
+    assert listing.status_code == 200 and len(listing.json()["data"]) == 1

@@ -103,6 +103,9 @@ def test_maintenance_runs_on_its_interval_while_idle(tmp_path):
             if len(passes) == 2:
                 raise RuntimeError("one bad pass")  # logged; the learner keeps going
 
+        def recover_soon(self, error):
+            assert isinstance(error, RuntimeError)  # not a fatal DuckDB error: nothing to reopen
+
     worker = LearnerWorker(Store(), HashEmbedder(), maintenance_interval_s=0.05)  # type: ignore[arg-type]
     worker.start()
     time.sleep(0.4)
