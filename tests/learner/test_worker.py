@@ -103,8 +103,8 @@ def test_maintenance_runs_on_its_interval_while_idle(tmp_path):
             if len(passes) == 2:
                 raise RuntimeError("one bad pass")  # logged; the learner keeps going
 
-        def recover_soon(self, error):
-            assert isinstance(error, RuntimeError)  # not a fatal DuckDB error: nothing to reopen
+        def recover_soon(self, error):  # a failed call hands its error here; only DuckDB's fatal one reopens
+            pass
 
     worker = LearnerWorker(Store(), HashEmbedder(), maintenance_interval_s=0.05)  # type: ignore[arg-type]
     worker.start()
