@@ -129,7 +129,10 @@ class JobRunner:
                 ran = 0
                 if self._stopping.is_set():
                     return
-            if ran:
+            # A round that leased less than a full batch took every job due then: the next lease
+            # waits for a wake-up (new jobs) or the poll, instead of scanning the queue again at
+            # once. When stopping or draining, one more round catches jobs that came meanwhile.
+            if ran >= self.batch or (ran and (self._stopping.is_set() or until_idle)):
                 continue
             if self._stopping.is_set() or until_idle:
                 return

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -222,3 +223,36 @@ def test_a_batch_marks_its_fact_free_jobs_done_in_one_transaction(store):
     assert sorted(m.content for m in store.list("ada")) == ["The user keeps bees.", "The user's cat is called Mochi."]
     (pending,) = store._cursor().execute("SELECT pending FROM learner_users WHERE user_id = 'ada'").fetchone()
     assert pending == 4  # every finished job counts toward the every-10-interactions trigger
+
+
+def test_the_runner_leases_again_only_when_woken_after_a_round_that_took_every_due_job(store):
+    """Each lease scans the queue table, which holds every job ever run: a round that leased less
+    than a full batch already took all that was due, so the runner waits for new jobs."""
+    from learner.runner import JobRunner
+
+    leases: list[int] = []
+    lease_jobs = store.lease_jobs
+
+    def counted(*args, **kwargs):
+        jobs = lease_jobs(*args, **kwargs)
+        leases.append(len(jobs))
+        return jobs
+
+    store.lease_jobs = counted
+    runner = JobRunner(store, HashEmbedder(), RulesExtractor(), triggers=None, batch=4, poll_s=60)
+    enqueue(store, ["What time is it?"] * 6)  # more than one batch: leased 4, then 2
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(store.jobs(state="done")) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert leases == [4, 2]  # not a third, empty, lease right after
+        enqueue(store, ["Is it raining?"], prefix="later")
+        runner.wake()
+        while len(store.jobs(state="done")) < 7 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert leases == [4, 2, 1]
+    finally:
+        runner.stop()
+    assert len(store.jobs(state="done")) == 7
