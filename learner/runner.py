@@ -56,15 +56,18 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._next_trigger_check = 0.0
+        self._new_jobs = False
+        self._next_poll = 0.0
 
     # -- one round ----------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """Lease and run one batch of due jobs, then check the triggers; returns jobs run."""
+    def run_once(self, *, lease: bool = True) -> int:
+        """Lease and run one batch of due jobs, then check the triggers; returns jobs run.
+        `lease=False`: the triggers only (nothing new is queued and no retry is due yet)."""
         self._busy = True
         try:
             done = 0
-            if self.extractor is not None:
+            if self.extractor is not None and lease:
                 jobs = self.store.lease_jobs(self.owner, limit=self.batch, lease_for=self.lease_for)
                 for job, outcome in run_jobs(self.store, self.embedder, self.extractor, jobs, self.owner, self.retry):
                     done += 1
@@ -110,7 +113,26 @@ class JobRunner:
         self.run_forever()
 
     def wake(self) -> None:
+        """New jobs were queued: lease on the next round."""
+        self._new_jobs = True
         self._wake.set()
+
+    def settled(self, jobs: int) -> None:
+        """The writer ran `jobs` itself (born done, `JobQueue.log_interactions_and_jobs`): count
+        them like the jobs run here and check the triggers, without a lease."""
+        if self.finished is not None:
+            for _ in range(jobs):
+                self.finished("done")
+        self.poke_triggers()
+
+    def _lease_due(self) -> bool:
+        """Whether this round leases: new jobs were queued, or a poll is due (retries after
+        their backoff, leases a killed learner left); each lease scans the queue table."""
+        if self._new_jobs or time.monotonic() >= self._next_poll:
+            self._new_jobs = False  # before the lease: a wake-up during it makes the next round lease
+            self._next_poll = time.monotonic() + self.poll_s
+            return True
+        return False
 
     def poke_triggers(self) -> None:
         """Check the triggers on the next round (an external learner just finished a job)."""
@@ -122,7 +144,7 @@ class JobRunner:
         runs every job already due, so a graceful shutdown leaves nothing that could run."""
         while True:
             try:
-                ran = self.run_once()
+                ran = self.run_once(lease=self._stopping.is_set() or until_idle or self._lease_due())
             except Exception as exc:  # the store is gone or broken: log, wait, try again
                 log.error("job_failed", step="lease", error=repr(exc))
                 self.store.recover_soon(exc)  # DuckDB invalidated the database: reopen it
@@ -133,6 +155,7 @@ class JobRunner:
             # waits for a wake-up (new jobs) or the poll, instead of scanning the queue again at
             # once. When stopping or draining, one more round catches jobs that came meanwhile.
             if ran >= self.batch or (ran and (self._stopping.is_set() or until_idle)):
+                self._new_jobs = True  # more may be due: lease again at once
                 continue
             if self._stopping.is_set() or until_idle:
                 return

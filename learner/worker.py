@@ -101,6 +101,9 @@ class LearnerWorker:
         self._thread: threading.Thread | None = None
         self._next_maintenance = time.monotonic() + (self.maintenance_interval_s or 0)
         extractor = self.extractor if hasattr(self.extractor, "extract") else RulesExtractor(self.extractor)
+        # The rules extractor takes microseconds: it runs here, as the jobs are written, and a turn
+        # with no fact (most of them) is written done, without a lease and a completion.
+        self._settles = extractor if self.run_jobs and isinstance(extractor, RulesExtractor) else None
         self.runner = JobRunner(
             self.store, self.embedder, extractor if self.run_jobs else None,  # type: ignore[arg-type]
             retry=self.retry, triggers=self.triggers, consolidate=self.consolidate,
@@ -223,17 +226,21 @@ class LearnerWorker:
         return batch, False  # type: ignore[return-value]
 
     def _process(self, batch: Sequence[Exchange]) -> None:
-        jobs = [j for e in batch if (j := job_of(e)) is not None]
+        jobs, done = self._settle([j for e in batch if (j := job_of(e)) is not None])
         records = [to_record(e) for e in batch]
         try:
-            self._write(records, jobs)
+            self._write(records, jobs, done)
             self.observer.written(len(batch))
         except Exception as exc:  # per batch: logged with the exception; the rows are lost
-            log.error("teacher_log_write_failed", rows=len(batch), jobs=len(jobs), error=repr(exc))
+            log.error("teacher_log_write_failed", rows=len(batch), jobs=len(jobs) + len(done), error=repr(exc))
+            done = []
         with self._submit_lock:  # so every exchange taken from the queue is in the journal
             if self.journal is not None:
                 self.journal.committed(len(batch))
-        self.runner.wake()
+        if jobs:
+            self.runner.wake()
+        if done:
+            self.runner.settled(len(done))
         if self.nml_feed is None:
             return
         for exchange in batch:
@@ -244,15 +251,33 @@ class LearnerWorker:
             except Exception as exc:
                 log.error("job_failed", step="nml_feed", request_id=exchange.request_id, error=repr(exc))
 
-    def _write(self, records: list[InteractionRecord], jobs: list[NewJob]) -> None:
+    def _settle(self, jobs: list[NewJob]) -> tuple[list[NewJob], list[tuple[NewJob, dict]]]:
+        """(jobs to queue, jobs done here with their result): with the rules extractor, a turn
+        with no fact is done now; one with facts, or whose extraction failed, goes to the queue
+        (storing facts embeds them, and a failure gets the queue's retries)."""
+        if self._settles is None:
+            return jobs, []
+        queued, done = [], []
+        for job in jobs:
+            try:
+                facts = self._settles.extract(job.input or "")
+            except Exception:  # the queue runs it again and records the error
+                facts = None
+            if facts == []:
+                done.append((job, {"extractor": self._settles.name, "facts": 0, "memories": []}))
+            else:
+                queued.append(job)
+        return queued, done
+
+    def _write(self, records: list[InteractionRecord], jobs: list[NewJob], done: list[tuple[NewJob, dict]]) -> None:
         """Write a batch; if DuckDB invalidated the database, reopen it and write the batch again."""
         try:
-            self.store.log_interactions_and_jobs(records, jobs)
+            self.store.log_interactions_and_jobs(records, jobs, done)
         except duckdb.FatalException:
             if not self.store.recover():
                 raise
             try:
-                self.store.log_interactions_and_jobs(records, jobs)
+                self.store.log_interactions_and_jobs(records, jobs, done)
             except duckdb.ConstraintException:  # committed before the error struck (the WAL kept it)
                 pass
 

@@ -11,6 +11,10 @@ mark commit together or not at all) or *fails* it: back to pending after an expo
 or, after `max_attempts` leases, `dead` (the dead letters, requeued by `retry_job`).
 A lease is counted as an attempt when it is taken, so a job that crashes its worker every time
 is dead-lettered too instead of looping for ever.
+
+A job whose result is known when it is written (the rules extractor, run by the writer, found no
+fact in the turn: most turns) is born `done` in that same transaction: no lease and no completion
+follow, the two UPDATEs that cost most of the queue's time, each a scan of every job ever run.
 """
 
 from __future__ import annotations
@@ -130,17 +134,24 @@ class JobQueue:
 
     # -- enqueue ---------------------------------------------------------------------------
 
-    def log_interactions_and_jobs(self, records: Sequence[Any], jobs: Sequence[NewJob]) -> None:
-        """Log interactions and queue their jobs in one transaction (one round trip per batch)."""
-        if not records and not jobs:
+    def log_interactions_and_jobs(
+        self, records: Sequence[Any], jobs: Sequence[NewJob], done: Sequence[tuple[NewJob, dict]] = (),
+    ) -> None:
+        """Log interactions and queue their jobs in one transaction (one round trip per batch).
+        `done`: jobs already run by the writer, each with its result: written as done (one
+        attempt) and counted for their users' triggers, as `complete_jobs` would have."""
+        if not records and not jobs and not done:
             return
         now = self.clock.now()
         with self.transaction() as cursor:
             self.log_interactions(records)
-            if not jobs:
-                return
             rows = [[j.id, j.kind, j.user_id, j.input, j.conversation_id, "pending", 0, now, None, None,
                      None, None, now, now, None] for j in jobs]
+            rows += [[j.id, j.kind, j.user_id, j.input, j.conversation_id, "done", 1, now, None, None,
+                      None, json.dumps(result), now, now, now] for j, result in done]
+            if not rows:
+                return
+            self._count_learned(cursor, Counter(j.user_id for j, _ in done), now)
             columns = ", ".join(_JOB_COLUMNS)
             if len(rows) <= _SMALL_BATCH:
                 cursor.executemany(
@@ -212,16 +223,21 @@ class JobQueue:
                 "RETURNING id, user_id",
                 [json.dumps(result), now, list(job_ids), owner],
             ).fetchall()
-            per_user = Counter(user_id for _, user_id in rows)
-            if per_user:
-                users, counts = zip(*sorted(per_user.items()), strict=True)
-                cursor.execute(
-                    "INSERT INTO learner_users SELECT unnest($1::VARCHAR[]), unnest($2::BIGINT[]), $3, NULL "
-                    "ON CONFLICT (user_id) DO UPDATE SET pending = learner_users.pending + excluded.pending, "
-                    "first_pending_at = coalesce(learner_users.first_pending_at, excluded.first_pending_at)",
-                    [list(users), list(counts), now],
-                )
+            self._count_learned(cursor, Counter(user_id for _, user_id in rows), now)
         return {job_id for job_id, _ in rows}
+
+    @staticmethod
+    def _count_learned(cursor: duckdb.DuckDBPyConnection, per_user: Counter[str], now: datetime) -> None:
+        """Add finished jobs to their users' trigger counters (learning runs every N interactions)."""
+        if not per_user:
+            return
+        users, counts = zip(*sorted(per_user.items()), strict=True)
+        cursor.execute(
+            "INSERT INTO learner_users SELECT unnest($1::VARCHAR[]), unnest($2::BIGINT[]), $3, NULL "
+            "ON CONFLICT (user_id) DO UPDATE SET pending = learner_users.pending + excluded.pending, "
+            "first_pending_at = coalesce(learner_users.first_pending_at, excluded.first_pending_at)",
+            [list(users), list(counts), now],
+        )
 
     def fail_job(self, job_id: str, owner: str, error: str, policy: RetryPolicy) -> str | None:
         """Record a failed attempt: back to pending after the policy's backoff, or dead after

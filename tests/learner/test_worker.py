@@ -36,6 +36,46 @@ def test_rows_are_written_and_facts_extracted(tmp_path):
     assert store.list("ada")[0].sources[0].ref == "req_0001"
 
 
+def test_a_turn_with_no_fact_is_written_done_and_never_leased(tmp_path):
+    """Leasing and completing a job are the queue's costly statements (each a scan of every
+    job ever run): a turn the rules find no fact in is done as it is written; a turn with a
+    fact still goes through a lease, and both count for the user's learning triggers."""
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    leased: list[str] = []
+    lease_jobs = store.lease_jobs
+
+    def counted(*args, **kwargs):
+        jobs = lease_jobs(*args, **kwargs)
+        leased.extend(j.id for j in jobs)
+        return jobs
+
+    store.lease_jobs = counted  # type: ignore[method-assign]
+    finished: list[str] = []
+
+    class Observer:
+        def queue_depth(self, depth): ...
+        def dropped(self): ...
+        def written(self, rows): ...
+        def extracted(self, n): ...
+        def job_finished(self, state): finished.append(state)
+
+    worker = LearnerWorker(store, HashEmbedder(), observer=Observer())
+    worker.start()
+    worker.submit(exchange(1, "What's the weather like in Lisbon?"))
+    worker.submit(exchange(2, "Can you sort this list?"))
+    worker.submit(exchange(3, "My dog is called Biscuit."))
+    assert worker.drain()
+    worker.stop()
+    assert leased == ["req_0003"]
+    jobs = {j.id: j for j in store.jobs(state="done")}
+    assert set(jobs) == {"req_0001", "req_0002", "req_0003"}
+    assert jobs["req_0001"].attempts == 1 and jobs["req_0001"].result == {"extractor": "rules", "facts": 0, "memories": []}
+    assert jobs["req_0003"].result["facts"] == 1
+    assert [m.content for m in store.list("ada")] == ["The user's dog is called Biscuit."]
+    assert store.learner_user("ada")["pending"] == 3  # all three count towards the next learning run
+    assert finished == ["done"] * 3
+
+
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):
     store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
     dropped = []
