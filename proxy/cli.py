@@ -5,6 +5,7 @@ that server holds the file).
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -34,8 +35,6 @@ def hash_key_command(
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the key from standard input.")] = False,
 ) -> None:
     """Print the key_hash to configure for a key (the key is asked for, never taken as an argument)."""
-    import sys
-
     from proxy.auth import hash_key
 
     key = sys.stdin.readline().strip() if stdin else typer.prompt("Key", hide_input=True, confirmation_prompt=True)
@@ -68,6 +67,7 @@ def serve(
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(settings.torch_threads)
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     # numpy's OpenBLAS starts one thread per core, and its idle threads spin: with several
     # searches in flight they took a core from the requests. The same budget as torch's.
     threadpool_limits(limits=settings.torch_threads, user_api="blas")

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # best for a server on 2 cores: a query embedding took 9.6 ms of CPU with 1 thread and
     # 26 ms with 2 (idle threads spin), and concurrent requests keep the cores busy anyway.
     torch_threads: int = Field(default=1, ge=1, le=256)
+    # How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+    # Learning runs and view builds run Python on background threads; at 5 ms every request
+    # the event loop serves meanwhile waited in 5 ms steps.
+    switch_interval_ms: float = Field(default=1.0, gt=0, le=100)
     # A trained NML/EM checkpoint (`memlane nml train`): served as the local model instead of
     # SmolLM2, and fed every interaction so its memories persist per user under nml_state_dir.
     nml_checkpoint: Path | None = None

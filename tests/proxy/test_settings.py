@@ -66,3 +66,34 @@ def test_an_nml_checkpoint_replaces_the_local_model_and_feeds_the_learner(tmp_pa
     assert model.loadable() == (False, f"no NML checkpoint at {tmp_path / 'nml.pt'}: train one with `memlane nml train`")
     assert _nml_feed(model) == model.feed
     assert _nml_feed(_local_model(Settings.from_env({}))) is None
+
+
+def test_serve_sets_the_gil_switch_interval_from_the_settings(tmp_path, monkeypatch):
+    """Background threads (learning runs, view builds) hold the GIL in steps of this length
+    while the event loop waits: `memlane serve` shortens CPython's 5 ms."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    import proxy.cli
+    import proxy.logs  # noqa: F401  (patched below)
+
+    seen: list[float] = []
+
+    class NotServing:
+        def run(self) -> None:
+            seen.append(sys.getswitchinterval())
+
+    monkeypatch.setattr(proxy.cli, "_server", lambda config, on_exit: NotServing())
+    monkeypatch.setattr("proxy.logs.configure_logging", lambda **kwargs: None)  # keep the suite's logging
+    before = sys.getswitchinterval()
+    monkeypatch.setenv("MEMLANE_PRELOAD_LOCAL_MODEL", "false")
+    try:
+        for env, expected in ((None, 0.001), ("2.5", 0.0025)):
+            if env is not None:
+                monkeypatch.setenv("MEMLANE_SWITCH_INTERVAL_MS", env)
+            result = CliRunner().invoke(proxy.cli.app, ["serve", "--db", str(tmp_path / "m.duckdb")])
+            assert result.exit_code == 0, result.output
+            assert seen[-1] == pytest.approx(expected)
+    finally:
+        sys.setswitchinterval(before)
