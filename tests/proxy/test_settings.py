@@ -76,7 +76,7 @@ def test_serve_sets_the_gil_switch_interval_from_the_settings(tmp_path, monkeypa
     from typer.testing import CliRunner
 
     import proxy.cli
-    import proxy.logs  # noqa: F401  (patched below)
+    import proxy.logs  # patched below
 
     seen: list[float] = []
 
