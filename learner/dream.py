@@ -191,7 +191,7 @@ def consolidate(
     for group in groups:
         report.merged += _merge(store, user_id, group, now)
         report.groups += 1
-    after = _current(store, user_id)
+    after = _current(store, user_id) if report.merged else entries  # a read of every row: only when it changed
     used = [e for e in after if e.access_count >= used_min]
     report.used_importance_before = _mean([e.importance for e in used])
     for entry in used:
