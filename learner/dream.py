@@ -114,36 +114,42 @@ def _strength(entry: MemoryEntry) -> tuple:
 
 
 def _groups(
-    entries: list[MemoryEntry], ids: list[str], matrix: np.ndarray, merge_cosine: float,
-    fresh: set[str] | None = None,
+    store: MemoryStore, user_id: str, merge_cosine: float, fresh: set[str] | None = None,
 ) -> list[list[MemoryEntry]]:
-    """Connected groups of near-duplicates (single link over the cosine graph); with `fresh`,
-    only the edges that touch one of those memories."""
-    row = {memory_id: i for i, memory_id in enumerate(ids)}
-    present = [e for e in entries if e.id in row]
-    if len(present) < 2:
-        return []
-    vectors = matrix[[row[e.id] for e in present]]  # (n, 384), unit rows
-    parent = list(range(len(present)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    signatures = [_signature(e.content) for e in present]
-    rows = [i for i, e in enumerate(present) if fresh is None or e.id in fresh]
+    """Connected groups of the user's current near-duplicates (single link over the cosine
+    graph); with `fresh`, only the edges that touch one of those memories. Only the memories
+    at one end of an edge are read as rows: the cosines come from the vectors alone."""
+    all_ids, matrix = store.user_vectors(user_id)  # history included
+    current = set(store.current_ids(user_id))
+    keep = [i for i, memory_id in enumerate(all_ids) if memory_id in current]
+    ids, vectors = [all_ids[i] for i in keep], matrix[keep]  # (n, 384), unit rows
+    rows = [i for i, memory_id in enumerate(ids) if fresh is None or memory_id in fresh]
+    edges: list[tuple[int, int]] = []
     for start in range(0, len(rows), _BLOCK):  # (block, n) at a time: bounded memory
         block = rows[start:start + _BLOCK]
         similar = vectors[block] @ vectors.T  # (b, n)
-        for b, j in zip(*np.nonzero(similar >= merge_cosine), strict=True):
-            i, j = block[int(b)], int(j)
-            if i != j and signatures[i] == signatures[j]:
-                parent[root(i)] = root(j)
-    clusters: dict[int, list[MemoryEntry]] = {}
-    for i, entry in enumerate(present):
-        clusters.setdefault(root(i), []).append(entry)
+        edges += [(block[int(b)], int(j)) for b, j in zip(*np.nonzero(similar >= merge_cosine), strict=True)
+                  if block[int(b)] != int(j)]
+    if not edges:
+        return []
+    involved = sorted({ids[k] for edge in edges for k in edge})
+    entries = {e.id: e for e in store.get_many(user_id, involved, relations=False)}
+    signatures = {memory_id: _signature(e.content) for memory_id, e in entries.items()}
+    parent = {memory_id: memory_id for memory_id in entries}
+
+    def root(memory_id: str) -> str:
+        while parent[memory_id] != memory_id:
+            parent[memory_id] = parent[parent[memory_id]]
+            memory_id = parent[memory_id]
+        return memory_id
+
+    for i, j in edges:
+        a, b = ids[i], ids[j]
+        if a in entries and b in entries and signatures[a] == signatures[b]:
+            parent[root(a)] = root(b)
+    clusters: dict[str, list[MemoryEntry]] = {}
+    for entry in sorted(entries.values(), key=lambda e: (e.created_at, e.id)):
+        clusters.setdefault(root(entry.id), []).append(entry)
     return [group for group in clusters.values() if len(group) > 1]
 
 
@@ -184,15 +190,15 @@ def consolidate(
     only memories written or updated since then are compared (with every memory): a
     learning run's cost follows what it learned, not the size of the store."""
     now = (clock or store.clock).now()
-    entries = _current(store, user_id)
-    report = ConsolidationReport(memories_before=len(entries))
-    fresh = None if since is None else {e.id for e in entries if e.updated_at >= since}
-    groups = [] if fresh == set() else _groups(entries, *store.user_vectors(user_id), merge_cosine, fresh)
+    report = ConsolidationReport(memories_before=store.count(user_id, include_history=False))
+    fresh = None if since is None else set(store.current_ids(user_id, updated_since=since))
+    groups = [] if fresh == set() else _groups(store, user_id, merge_cosine, fresh)
     for group in groups:
         report.merged += _merge(store, user_id, group, now)
         report.groups += 1
-    after = _current(store, user_id) if report.merged else entries  # a read of every row: only when it changed
-    used = [e for e in after if e.access_count >= used_min]
+    # Only the used memories are read as rows: a run that learned nothing new reads no others.
+    used = store.entries_where("user_id = ? AND valid_to IS NULL AND access_count >= ? ORDER BY created_at, id",
+                               [user_id, used_min])
     report.used_importance_before = _mean([e.importance for e in used])
     for entry in used:
         target = _importance_for(entry.access_count)
@@ -200,7 +206,7 @@ def consolidate(
             store.update_entry(user_id, entry.id, importance=round(target, 6))
             report.strengthened += 1
     report.used_importance_after = _mean([max(e.importance, _importance_for(e.access_count)) for e in used])
-    report.memories_after = len(after)
+    report.memories_after = report.memories_before - report.merged
     log.info("dream_consolidation", objective="fewer near-duplicates, stronger used memories",
              memories_before=report.memories_before, memories_after=report.memories_after,
              merged=report.merged, strengthened=report.strengthened,
@@ -313,7 +319,17 @@ class PreloadCache:
     def __init__(self, *, max_age: timedelta = timedelta(hours=24)) -> None:
         self.max_age = max_age
         self._entries: dict[tuple[str, str], PreloadedContext] = {}
+        self._built: dict[str, tuple[tuple[int, datetime | None], datetime]] = {}  # user -> (signature, when)
         self._lock = threading.Lock()
+
+    def mark_built(self, user_id: str, signature: tuple[int, datetime | None], at: datetime) -> None:
+        """The user's contexts were (re)built from their memories as of `signature`, even none."""
+        with self._lock:
+            self._built[user_id] = (signature, at)
+
+    def built(self, user_id: str) -> tuple[tuple[int, datetime | None], datetime] | None:
+        with self._lock:
+            return self._built.get(user_id)
 
     def put(self, context: PreloadedContext) -> None:
         with self._lock:
@@ -365,6 +381,7 @@ class PreloadReport:
     memories_cached: int = 0
     cold_ms: dict[str, float] = field(default_factory=dict)  # embed + hybrid search, per domain
     warm_ms: dict[str, float] = field(default_factory=dict)  # cache lookup, per domain
+    reused: bool = False  # the cached contexts were current: nothing read or rebuilt
 
 
 def _top_domains(store: MemoryStore, user_id: str, entries: list[MemoryEntry], n: int) -> list[str]:
@@ -411,6 +428,7 @@ def preload(
         started = time.perf_counter()
         cache.lookup(store, user_id, probe)
         report.warm_ms[domain] = round((time.perf_counter() - started) * 1000, 3)
+    cache.mark_built(user_id, signature, now)
     log.info("dream_preloading", objective="faster next request in frequent domains",
              domains=len(report.domains), memories_cached=report.memories_cached,
              cold_ms_before=round(_mean(list(report.cold_ms.values())), 3),
@@ -427,8 +445,19 @@ class Preloader:
     cache: PreloadCache
     domains: int = 3
     k: int = 5
+    # A learning run keeps the user's contexts when their memories have not changed since they
+    # were built, for this long: building them reads every current memory (10,000 rows: a
+    # third of a second holding the GIL), and access counts, which only move the ranking, do
+    # not change the signature.
+    rebuild_after: timedelta = timedelta(hours=1)
 
     def __call__(self, store: MemoryStore, user_id: str, *, clock: Clock | None = None) -> PreloadReport:
+        now = (clock or store.clock).now()
+        built = self.cache.built(user_id)
+        if built is not None and now - built[1] < self.rebuild_after and built[0] == store.user_signature(user_id):
+            contexts = self.cache.contexts(user_id)
+            return PreloadReport(domains=[c.domain for c in contexts],
+                                 memories_cached=sum(len(c.contents) for c in contexts), reused=True)
         return preload(store, user_id, cache=self.cache, clock=clock, domains=self.domains, k=self.k)
 
     def refresh(self, store: MemoryStore, user_id: str) -> PreloadReport | None:

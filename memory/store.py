@@ -758,6 +758,13 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         ).fetchall()
         return [entry_from_row(row) for row in rows]
 
+    def current_ids(self, user_id: str, *, updated_since: datetime | None = None) -> list[str]:
+        """Ids of the user's current memories (those updated at or after `updated_since`)."""
+        where, params = "user_id = ? AND valid_to IS NULL", [user_id]
+        if updated_since is not None:
+            where, params = f"{where} AND updated_at >= ?", [user_id, updated_since]
+        return [row[0] for row in self._cursor().execute(f"SELECT id FROM memories WHERE {where}", params).fetchall()]
+
     def identity_since(self, memory_id: str) -> datetime | None:
         row = first_row(self._cursor().execute(
             "SELECT identity_since FROM memories WHERE id = ?", [memory_id]

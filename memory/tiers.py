@@ -32,7 +32,8 @@ from memory.entry import MemoryEntry, MemoryType, Tier, TruthCategory
 if TYPE_CHECKING:
     from memory.store import MemoryStore
 
-__all__ = ["MaintenanceReport", "TierPolicy", "next_tier", "run_maintenance", "short_term_expiry"]
+__all__ = ["MaintenanceReport", "TierPolicy", "maintenance_candidates", "next_tier", "run_maintenance",
+           "short_term_expiry"]
 
 log = structlog.get_logger("memlane.tiers")
 
@@ -92,6 +93,38 @@ def recency(entry: MemoryEntry, now: datetime, policy: TierPolicy) -> float:
     return math.exp(-math.log(2) * idle_days / (policy.half_life.total_seconds() / 86400))
 
 
+# Seconds since a memory was last used or changed, as `recency` counts them.
+_IDLE_SQL = ("greatest(epoch(?::TIMESTAMP) - epoch(greatest(coalesce(last_accessed, updated_at), "
+             "updated_at)), 0)")
+_SLACK = 1e-6  # the SQL is looser than the rules by this much: float rounding never hides a row
+
+
+def maintenance_candidates(policy: TierPolicy, now: datetime) -> tuple[str, list[object]]:
+    """A filter on `memories` for the current rows a pass could change: every short-term row
+    (promotion by age, expiry), the long-term rows a persistence rule may fire for, and the
+    rows whose recency moved or that may fall under `forget_below`. A superset: the rules above
+    decide on each row it returns; a long-time user's settled memories are not read at all
+    (10,000 of them were a third of a second of the learner holding the GIL, every run)."""
+    half_life = policy.half_life.total_seconds()
+    factor = f"exp(-ln(2) * {_IDLE_SQL} / ?)"
+    where = (
+        "valid_to IS NULL AND ("
+        "tier = 'SHORT_TERM'"
+        " OR (tier = 'LONG_TERM' AND ((truth_category = 'ABSOLUTE' AND confidence >= ?)"
+        " OR (list_contains(tags, 'identity') AND identity_since <= ?)"
+        " OR (memory_type = 'PREFERENCE' AND access_count >= ? AND recorded_at <= ?)))"
+        f" OR abs({factor} - recency) > ?"
+        f" OR (tier = 'LONG_TERM' AND NOT validated AND confidence * {factor} < ?))"
+    )
+    params: list[object] = [
+        policy.persist_confidence - _SLACK, now - policy.identity_for,
+        policy.preference_accesses, now - policy.preference_span,
+        now, half_life, 1e-3 - _SLACK,
+        now, half_life, policy.forget_below + _SLACK,
+    ]
+    return where, params
+
+
 @dataclass(slots=True)
 class MaintenanceReport:
     promoted: dict[str, int] = field(default_factory=dict)  # "SHORT_TERM->LONG_TERM": n
@@ -125,7 +158,7 @@ def _promote_and_decay(store: MemoryStore, policy: TierPolicy, now: datetime, re
                        expired: dict[str, list[str]], forgotten: dict[str, list[str]],
                        decays: dict[str, float]) -> None:
     """Promote in place; collect new recency factors and what expired or is to be forgotten."""
-    for entry in store.entries_where("valid_to IS NULL"):
+    for entry in store.entries_where(*maintenance_candidates(policy, now)):
         tier = entry.tier
         since = store.identity_since(entry.id) if "identity" in entry.tags else None
         while (up := next_tier(replace(entry, tier=tier), now, policy, identity_since=since)) is not None:

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -149,3 +150,45 @@ def test_memlane_learn_on_the_database_file(tmp_path, monkeypatch, clock):
     assert "user ada: promoted 1" in said and "training request train_" in said
     with MemoryStore.open(db, embedder=HashEmbedder()) as store:
         assert [r.reason for r in store.training_requests(user_id="ada")] == ["request"]
+
+
+def test_a_learning_run_that_learned_nothing_new_reads_none_of_the_users_memories(store, clock, monkeypatch):
+    """A long-time user's run after questions only: promotion, consolidation and preloading
+    leave their 400 settled memories unread (the run held the GIL ~1.6 s at 10,000), and
+    the run after a new fact still merges it and rebuilds the preloaded contexts."""
+    import memory.store
+    from learner import learn
+    from learner.dream import PreloadCache, Preloader
+    from memory import MemorySource
+
+    for i in range(400):
+        store.add("ada", f"The user cooks recipe number {i} for dinner.", source=MemorySource("api"),
+                  validated=True)
+    preloader = Preloader(PreloadCache())
+    clock.advance(days=4)
+    learn(store, "ada", "interactions", consolidate=find_consolidator(), preload=preloader)
+    learn(store, "ada", "interactions", consolidate=find_consolidator(), preload=preloader)  # settles recency
+
+    rows_read = []
+    real = memory.store.entry_from_row
+    monkeypatch.setattr(memory.store, "entry_from_row", lambda row: rows_read.append(row[0]) or real(row))
+    clock.advance(minutes=1)
+    quiet = learn(store, "ada", "interactions", consolidate=find_consolidator(), preload=preloader)
+    assert rows_read == []
+    assert quiet.preloading["reused"] and quiet.preloading["memories_cached"] > 0
+    assert quiet.consolidation["memories_before"] == quiet.consolidation["memories_after"] == 400
+
+    clock.advance(minutes=1)
+    ids, vectors = store.user_vectors("ada")
+    a = vectors[0]
+    other = np.eye(len(a), dtype=np.float32)[int(np.argmin(np.abs(a)))]
+    other -= (other @ a) * a
+    near = 0.93 * a + np.sqrt(1 - 0.93**2) * other / np.linalg.norm(other)  # under write-time dedup, over merging
+    content = store.get("ada", ids[0]).content.replace("cooks", "really cooks")
+    store.add("ada", content, source=MemorySource("api"), validated=True, embedding=near)
+    rows_read.clear()
+    after = learn(store, "ada", "interactions", consolidate=find_consolidator(), preload=preloader)
+    assert after.consolidation["merged"] == 1 and not after.preloading["reused"]
+    # The preload read every row once; consolidation only the rows at the ends of close pairs
+    # (here the new one, its twin and the other recipes HashEmbedder puts near them).
+    assert 400 <= len(rows_read) < 2 * 400

@@ -1,11 +1,15 @@
 """The promotion engine, expiry and decay, with a clock the tests move by days."""
 
+import math
+import random
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
 
-from memory import HashEmbedder, MemorySource, MemoryStore, Tier, TierPolicy, TruthCategory
+from memory import HashEmbedder, MemorySource, MemoryStore, MemoryType, Tier, TierPolicy, TruthCategory
 from memory.remember import remember
+from memory.tiers import maintenance_candidates, next_tier, recency
 
 CHAT = MemorySource("interaction", "req-1", "rules")
 
@@ -168,3 +172,60 @@ def test_persistent_memories_never_decay_away(store, clock):
     store.maintain()
     kept = store.get("ada", entry.id)
     assert kept is not None and kept.confidence.recency < 0.01
+
+
+def _due(entry, now: datetime, policy: TierPolicy, since: datetime | None) -> bool:
+    """Whether a pass would change this row, by the rules alone (what the full scan did)."""
+    tier = entry.tier
+    while (up := next_tier(replace(entry, tier=tier), now, policy, identity_since=since)) is not None:
+        tier = up
+    if tier is not entry.tier:
+        return True
+    if tier is Tier.SHORT_TERM:
+        return True  # may expire; the pass looks at every short-term row
+    factor = recency(entry, now, policy)
+    return (abs(factor - entry.confidence.recency) > 1e-3
+            or (tier is Tier.LONG_TERM and not entry.validated
+                and entry.confidence.overall * factor < policy.forget_below))
+
+
+def test_a_pass_reads_every_row_it_could_change_and_not_the_settled_ones(store, clock):
+    """The pass reads only `maintenance_candidates`: checked against the rules on 600 rows with
+    random tiers, kinds, confidences, recencies, uses and ages, some of them on the thresholds."""
+    rng = random.Random(7)
+    policy = store.tier_policy
+    for i in range(600):
+        entry, _ = store.add("ada", f"The user keeps fact number {i}.", source=CHAT)
+        idle = rng.choice([0.0, 1.0, 3600.0, 86400 * rng.uniform(0, 400)])
+        seen = clock.t - timedelta(seconds=idle)
+        exact = math.exp(-math.log(2) * idle / policy.half_life.total_seconds())
+        store.update_entry(
+            "ada", entry.id,
+            tier=rng.choice(list(Tier)), truth_category=rng.choice(list(TruthCategory)),
+            memory_type=rng.choice(list(MemoryType)),
+            confidence=rng.choice([0.05, 0.5, 0.89, 0.9, 0.95, rng.random()]),
+            recency=rng.choice([exact, exact + 0.0011, exact - 0.0009, 1.0, rng.random()]),
+            access_count=rng.choice([0, 9, 10, 40]), validated=rng.random() < 0.3,
+            tags=rng.choice([[], ["identity"], ["work"]]),
+            updated_at=seen, last_accessed=rng.choice([None, seen]),
+            expires_at=rng.choice([None, clock.t - timedelta(hours=1), clock.t + timedelta(hours=1)]),
+        )
+    clock.advance(seconds=1)
+    now = clock.now()
+    every = store.entries_where("valid_to IS NULL")
+    read = {e.id for e in store.entries_where(*maintenance_candidates(policy, now))}
+    due = {e.id for e in every if _due(e, now, policy, store.identity_since(e.id))}
+    assert due <= read  # nothing the rules would change is skipped
+    settled = {e.id for e in every} - due
+    assert settled and len(read & settled) < len(settled) / 10  # and the settled rows stay unread
+
+
+def test_a_pass_over_settled_memories_reads_none_of_them(store, clock):
+    for i in range(50):
+        remember(store, "ada", f"The user visited city number {i}.", source=CHAT)
+    clock.advance(days=3)
+    store.maintain()  # promoted, which counts as an update ...
+    store.maintain()  # ... so recency moves once more
+    assert not store.entries_where(*maintenance_candidates(store.tier_policy, clock.now()))
+    clock.advance(days=1)  # a day idle moves recency by ~0.008: all of them are due again
+    assert len(store.entries_where(*maintenance_candidates(store.tier_policy, clock.now()))) == 50
