@@ -540,19 +540,19 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             self._entries_changed(user_id)
         return True
 
-    def set_recency(self, factors: dict[str, float]) -> None:
-        """New recency factors (memory id -> factor) for many memories, in one UPDATE."""
-        if not factors:
-            return
+    def set_recency_where(self, expression: str, params: Sequence[Any], *, min_change: float) -> list[str]:
+        """Set `recency` of every current memory to a SQL `expression` of its row where that moves
+        it by more than `min_change`, in one UPDATE; the ids it changed."""
         with self._write_lock:
             cursor = self._writable_cursor()
-            users = cursor.execute(
-                "UPDATE memories SET recency = a.r FROM (SELECT unnest($1::VARCHAR[]) AS id, "
-                "unnest($2::DOUBLE[]) AS r) AS a WHERE memories.id = a.id RETURNING memories.user_id",
-                [list(factors), list(factors.values())],
+            rows = cursor.execute(
+                f"UPDATE memories SET recency = {expression} "
+                f"WHERE valid_to IS NULL AND abs({expression} - recency) > ? RETURNING user_id, id",
+                [*params, *params, min_change],
             ).fetchall()
-            for user_id in {u for (u,) in users}:
+            for user_id in {u for u, _ in rows}:
                 self._entries_changed(user_id)
+        return [memory_id for _, memory_id in rows]
 
     def _entries_changed(self, user_id: str) -> None:
         """A write to the user's rows that leaves their vectors alone: drop their view (again

@@ -97,30 +97,33 @@ def recency(entry: MemoryEntry, now: datetime, policy: TierPolicy) -> float:
 _IDLE_SQL = ("greatest(epoch(?::TIMESTAMP) - epoch(greatest(coalesce(last_accessed, updated_at), "
              "updated_at)), 0)")
 _SLACK = 1e-6  # the SQL is looser than the rules by this much: float rounding never hides a row
+RECENCY_STEP = 1e-3  # a pass writes a memory's recency when it moved by more than this
+
+
+def recency_sql(policy: TierPolicy, now: datetime) -> tuple[str, list[object]]:
+    """`recency` as a SQL expression on `memories` (the same formula as `recency`)."""
+    return f"exp(-ln(2) * {_IDLE_SQL} / ?)", [now, policy.half_life.total_seconds()]
 
 
 def maintenance_candidates(policy: TierPolicy, now: datetime) -> tuple[str, list[object]]:
-    """A filter on `memories` for the current rows a pass could change: every short-term row
-    (promotion by age, expiry), the long-term rows a persistence rule may fire for, and the
-    rows whose recency moved or that may fall under `forget_below`. A superset: the rules above
-    decide on each row it returns; a long-time user's settled memories are not read at all
-    (10,000 of them were a third of a second of the learner holding the GIL, every run)."""
-    half_life = policy.half_life.total_seconds()
-    factor = f"exp(-ln(2) * {_IDLE_SQL} / ?)"
+    """A filter on `memories` for the current rows a pass reads: every short-term row
+    (promotion by age, expiry), the long-term rows a persistence rule may fire for, and those
+    that may fall under `forget_below`. A superset: the rules above decide on each row it
+    returns; a long-time user's settled memories are not read (10,000 of them were a third of
+    a second of the learner holding the GIL, every run). Decay is one UPDATE (`run_maintenance`)."""
+    factor, factor_params = recency_sql(policy, now)
     where = (
         "valid_to IS NULL AND ("
         "tier = 'SHORT_TERM'"
         " OR (tier = 'LONG_TERM' AND ((truth_category = 'ABSOLUTE' AND confidence >= ?)"
         " OR (list_contains(tags, 'identity') AND identity_since <= ?)"
-        " OR (memory_type = 'PREFERENCE' AND access_count >= ? AND recorded_at <= ?)))"
-        f" OR abs({factor} - recency) > ?"
-        f" OR (tier = 'LONG_TERM' AND NOT validated AND confidence * {factor} < ?))"
+        " OR (memory_type = 'PREFERENCE' AND access_count >= ? AND recorded_at <= ?)"
+        f" OR (NOT validated AND confidence * {factor} < ?))))"
     )
     params: list[object] = [
         policy.persist_confidence - _SLACK, now - policy.identity_for,
         policy.preference_accesses, now - policy.preference_span,
-        now, half_life, 1e-3 - _SLACK,
-        now, half_life, policy.forget_below + _SLACK,
+        *factor_params, policy.forget_below + _SLACK,
     ]
     return where, params
 
@@ -134,30 +137,30 @@ class MaintenanceReport:
 
 
 def run_maintenance(store: MemoryStore) -> MaintenanceReport:
-    """One pass over every user's current memories: promote, expire, decay, forget."""
+    """One pass over every user's current memories: decay, promote, expire, forget."""
     policy, now = store.tier_policy, store.clock.now()
     report = MaintenanceReport()
     expired: dict[str, list[str]] = {}
     forgotten: dict[str, list[str]] = {}
-    decays: dict[str, float] = {}
-    # One transaction for the pass; the decay (most of its writes) as one UPDATE at the end:
-    # after days without a pass every memory's recency has moved, 10k single-row updates.
+    # One transaction for the pass. Decay first, in SQL: after days without a pass every
+    # memory's recency has moved (10k rows), and none of them needs to become a Python object.
     with store.transaction():
-        _promote_and_decay(store, policy, now, report, expired, forgotten, decays)
-        store.set_recency(decays)
+        factor, params = recency_sql(policy, now)
+        decayed = set(store.set_recency_where(factor, params, min_change=RECENCY_STEP))
+        _promote_expire_forget(store, policy, now, report, expired, forgotten)
     for user_id, ids in expired.items():
         report.expired += len(store.delete_entries(user_id, ids))
     for user_id, ids in forgotten.items():
         report.forgotten += len(store.delete_entries(user_id, ids))
+    report.decayed = len(decayed.difference(*expired.values(), *forgotten.values()))
     log.info("maintenance_done", promoted=sum(report.promoted.values()), expired=report.expired,
              decayed=report.decayed, forgotten=report.forgotten)
     return report
 
 
-def _promote_and_decay(store: MemoryStore, policy: TierPolicy, now: datetime, report: MaintenanceReport,
-                       expired: dict[str, list[str]], forgotten: dict[str, list[str]],
-                       decays: dict[str, float]) -> None:
-    """Promote in place; collect new recency factors and what expired or is to be forgotten."""
+def _promote_expire_forget(store: MemoryStore, policy: TierPolicy, now: datetime, report: MaintenanceReport,
+                           expired: dict[str, list[str]], forgotten: dict[str, list[str]]) -> None:
+    """Promote in place; collect what expired or is to be forgotten."""
     for entry in store.entries_where(*maintenance_candidates(policy, now)):
         tier = entry.tier
         since = store.identity_since(entry.id) if "identity" in entry.tags else None
@@ -168,17 +171,9 @@ def _promote_and_decay(store: MemoryStore, policy: TierPolicy, now: datetime, re
         if tier is Tier.SHORT_TERM and entry.expires_at is not None and now >= entry.expires_at:
             expired.setdefault(entry.user_id, []).append(entry.id)
             continue
-        factor = recency(entry, now, policy)
-        changes: dict[str, object] = {}
-        if tier is not entry.tier:
-            changes.update(tier=tier, expires_at=None, updated_at=now)
-        if abs(factor - entry.confidence.recency) > 1e-3:
-            decays[entry.id] = factor
-            report.decayed += 1
         if (tier is Tier.LONG_TERM and not entry.validated
-                and entry.confidence.overall * factor < policy.forget_below):
+                and entry.confidence.overall * recency(entry, now, policy) < policy.forget_below):
             forgotten.setdefault(entry.user_id, []).append(entry.id)
-            decays.pop(entry.id, None)
             continue
-        if changes:
-            store.update_entry(entry.user_id, entry.id, **changes)
+        if tier is not entry.tier:
+            store.update_entry(entry.user_id, entry.id, tier=tier, expires_at=None, updated_at=now)

