@@ -38,7 +38,11 @@ log = structlog.get_logger("memlane.learner")
 
 _STOP = object()
 _BATCH = 64
-_LINGER_S = 0.05  # wait this long for more rows: one 64-row write costs about what 6 single rows do
+# Wait this long for more rows: one 64-row write costs about what 6 single rows do. The journal
+# (on beside a file database that is not encrypted) has the rows already, so waiting delays
+# only when the learner sees them. At 0.25 s instead of 0.05, a lone client's batches hold
+# ~4x the rows, and memlane's CPU per request at c = 1 fell from 2.85-3.18 to 2.08-2.40 ms.
+_LINGER_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
