@@ -8,6 +8,7 @@ rewrites the request. Every field, known or unknown (``tools``, ``tool_choice``,
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,14 +52,30 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.", code="invalid_json"
         ) from exc
+    except ValueError as exc:  # NaN, Infinity, 1e999: Python reads them, JSON numbers are finite
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _not_json(constant: str) -> Any:
+    """`json.loads` reads NaN and Infinity; an upstream would refuse them, and re-encoding them
+    for it fails (httpx and the SDKs encode with allow_nan=False), so they are bad input here."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number that overflows a double (1e999) would become infinity: refused likewise."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a JSON number")
+    return value
 
 
 def validate_chat(body: dict[str, Any]) -> ChatRequest:

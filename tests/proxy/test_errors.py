@@ -27,6 +27,17 @@ async def test_malformed_json(client):
     assert_openai_error(r, 400, code="invalid_json")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999", "-2.5E+400"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"])
+async def test_nan_and_infinity_are_not_json_numbers(client, path, constant):
+    """Python's json reads them; forwarding them failed re-encoding (a 500, found by the fuzzer)."""
+    body = ('{"model": "gpt-4o-mini", "max_tokens": 5, "temperature": %s, '
+            '"messages": [{"role": "user", "content": "hi"}]}' % constant)
+    r = await client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert constant in r.text
+
+
 async def test_body_that_is_not_an_object(client):
     assert_openai_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, code="invalid_json")
     assert_openai_error(await client.post("/v1/chat/completions", content=b""), 400, code="invalid_json")
