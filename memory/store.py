@@ -292,6 +292,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             cursor.execute("BEGIN TRANSACTION")
             self._local.in_transaction = True
             self._local.written = set()  # users whose caches `_user_changed` dropped inside it
+            self._local.after_commit = []  # `_after_commit` actions
             try:
                 yield cursor
                 with self._index_lock:  # the commit merges new vectors into the HNSW index
@@ -305,6 +306,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 # Again after the commit: a cache rebuilt meanwhile read the old rows.
                 for user_id in {*users, *self._local.written}:
                     self._user_changed(user_id)
+            for action in self._local.after_commit:
+                action()
 
     @contextlib.contextmanager
     def _joined_transaction(self, cursor: duckdb.DuckDBPyConnection) -> Iterator[None]:
@@ -542,17 +545,28 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
 
     def set_recency_where(self, expression: str, params: Sequence[Any], *, min_change: float) -> list[str]:
         """Set `recency` of every current memory to a SQL `expression` of its row where that moves
-        it by more than `min_change`, in one UPDATE; the ids it changed."""
+        it by more than `min_change`, in one UPDATE; the ids it changed. The users' views are
+        patched, not dropped, once the change is committed."""
         with self._write_lock:
             cursor = self._writable_cursor()
             rows = cursor.execute(
                 f"UPDATE memories SET recency = {expression} "
-                f"WHERE valid_to IS NULL AND abs({expression} - recency) > ? RETURNING user_id, id",
+                f"WHERE valid_to IS NULL AND abs({expression} - recency) > ? RETURNING user_id, id, recency",
                 [*params, *params, min_change],
             ).fetchall()
-            for user_id in {u for u, _ in rows}:
-                self._entries_changed(user_id)
-        return [memory_id for _, memory_id in rows]
+            factors: dict[str, dict[str, float]] = {}
+            for user_id, memory_id, factor in rows:
+                factors.setdefault(user_id, {})[memory_id] = factor
+            if factors:
+                self._after_commit(functools.partial(self._views.patch_recency, factors))
+        return [memory_id for _, memory_id, _ in rows]
+
+    def _after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` now, or when the enclosing `transaction()` commits (never on a rollback)."""
+        if getattr(self._local, "in_transaction", False):
+            self._local.after_commit.append(action)
+        else:
+            action()
 
     def _entries_changed(self, user_id: str) -> None:
         """A write to the user's rows that leaves their vectors alone: drop their view (again
