@@ -200,11 +200,9 @@ def consolidate(
     used = store.entries_where("user_id = ? AND valid_to IS NULL AND access_count >= ? ORDER BY created_at, id",
                                [user_id, used_min])
     report.used_importance_before = _mean([e.importance for e in used])
-    for entry in used:
-        target = _importance_for(entry.access_count)
-        if target > entry.importance + 1e-9:
-            store.update_entry(user_id, entry.id, importance=round(target, 6))
-            report.strengthened += 1
+    raised = {e.id: round(_importance_for(e.access_count), 6) for e in used
+              if _importance_for(e.access_count) > e.importance + 1e-9}
+    report.strengthened = len(store.set_importance(user_id, raised))  # one UPDATE; the view is patched
     report.used_importance_after = _mean([max(e.importance, _importance_for(e.access_count)) for e in used])
     report.memories_after = report.memories_before - report.merged
     log.info("dream_consolidation", objective="fewer near-duplicates, stronger used memories",

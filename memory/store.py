@@ -554,12 +554,30 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
                 f"WHERE valid_to IS NULL AND abs({expression} - recency) > ? RETURNING user_id, id, recency",
                 [*params, *params, min_change],
             ).fetchall()
-            factors: dict[str, dict[str, float]] = {}
+            changes: dict[str, dict[str, dict[str, float]]] = {}
             for user_id, memory_id, factor in rows:
-                factors.setdefault(user_id, {})[memory_id] = factor
-            if factors:
-                self._after_commit(functools.partial(self._views.patch_recency, factors))
+                changes.setdefault(user_id, {})[memory_id] = {"recency": factor}
+            if changes:
+                self._after_commit(functools.partial(self._views.patch_scores, changes))
         return [memory_id for _, memory_id, _ in rows]
+
+    def set_importance(self, user_id: str, values: dict[str, float]) -> list[str]:
+        """New importance for some of the user's memories (id -> value), in one UPDATE; the ids
+        it changed. Like recency, a score: the user's view is patched, not dropped."""
+        if not values:
+            return []
+        with self._write_lock:
+            cursor = self._writable_cursor()
+            rows = cursor.execute(
+                "UPDATE memories SET importance = a.v FROM (SELECT unnest($2::VARCHAR[]) AS id, "
+                "unnest($3::DOUBLE[]) AS v) AS a WHERE memories.id = a.id AND memories.user_id = $1 "
+                "RETURNING memories.id, memories.importance",
+                [user_id, list(values), list(values.values())],
+            ).fetchall()
+            if rows:
+                changes = {user_id: {memory_id: {"importance": value} for memory_id, value in rows}}
+                self._after_commit(functools.partial(self._views.patch_scores, changes))
+        return [memory_id for memory_id, _ in rows]
 
     def _after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` now, or when the enclosing `transaction()` commits (never on a rollback)."""

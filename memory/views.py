@@ -265,13 +265,19 @@ class UserView:
                 entries[memory_id] = replace(entry, access_count=entry.access_count + n, last_accessed=last)
         return replace(self, entries=entries)
 
-    def with_recency(self, factors: dict[str, float]) -> UserView:
-        """This view with new recency factors for some memories (a maintenance pass's decay)."""
+    def with_scores(self, changes: dict[str, dict[str, float]]) -> UserView:
+        """This view with new `recency` or `importance` values for some memories (memory id ->
+        {name: value}): what maintenance and consolidation move without changing a memory."""
         entries = dict(self.entries)
-        for memory_id, factor in factors.items():
+        for memory_id, values in changes.items():
             entry = entries.get(memory_id)
-            if entry is not None:
-                entries[memory_id] = replace(entry, confidence=replace(entry.confidence, recency=factor))
+            if entry is None:
+                continue
+            if "recency" in values:
+                entry = replace(entry, confidence=replace(entry.confidence, recency=values["recency"]))
+            if "importance" in values:
+                entry = replace(entry, importance=values["importance"])
+            entries[memory_id] = entry
         return replace(self, entries=entries)
 
 
@@ -473,17 +479,18 @@ class ViewCache:
                 self._keep_previous(user_id, self._views.pop(user_id, None))
                 self._changed_at[user_id] = time.monotonic()
 
-    def patch_recency(self, factors: dict[str, dict[str, float]]) -> None:
-        """Apply recency factors just committed (user -> memory -> factor) to the views that
-        hold them, instead of dropping the views: a decay pass moves a few rows of a large user
-        each time, and rebuilding a 10,000-memory view took ~0.5 s, much of it holding the GIL.
-        A build in flight read the old rows: it is discarded (the generation moves on)."""
+    def patch_scores(self, changes: dict[str, dict[str, dict[str, float]]]) -> None:
+        """Apply `recency` and `importance` values just committed (user -> memory -> {name:
+        value}) to the views that hold them, instead of dropping the views: a decay pass or a
+        consolidation moves a few rows of a large user each time, and rebuilding a 10,000-memory
+        view took ~0.5 s, much of it holding the GIL. A build in flight read the old rows: it is
+        discarded (the generation moves on)."""
         with self._lock:
-            for user_id, per_memory in factors.items():
+            for user_id, per_memory in changes.items():
                 self._generations[user_id] = self._generations.get(user_id, 0) + 1
                 view = self._views.get(user_id)
                 if view is not None:
-                    self._views[user_id] = view.with_recency(per_memory)
+                    self._views[user_id] = view.with_scores(per_memory)
 
     def patch_access(self, counts: Iterable[tuple[str, dict[str, int]]], at: datetime) -> None:
         """Apply retrievals just written to the database to the views that hold them."""
