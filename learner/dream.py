@@ -77,7 +77,7 @@ _BLOCK = 1024  # rows of the similarity matrix computed at once
 
 
 def _current(store: MemoryStore, user_id: str) -> list[MemoryEntry]:
-    return store.entries_where("user_id = ? AND valid_to IS NULL ORDER BY created_at, id", [user_id])
+    return store.current_entries(user_id)  # from the user's RAM view when there is one
 
 
 # -- consolidation ----------------------------------------------------------------------

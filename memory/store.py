@@ -790,6 +790,14 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         ).fetchall()
         return [entry_from_row(row) for row in rows]
 
+    def current_entries(self, user_id: str) -> list[MemoryEntry]:
+        """The user's current memories, oldest first (without links and sources): from the
+        user's RAM view when there is one (no query, no conversion), else from DuckDB."""
+        view = self._view(user_id)
+        if view is not None:
+            return sorted((e for e in view.entries.values() if e.valid_to is None), key=lambda e: (e.created_at, e.id))
+        return self.entries_where("user_id = ? AND valid_to IS NULL ORDER BY created_at, id", [user_id])
+
     def current_ids(self, user_id: str, *, updated_since: datetime | None = None) -> list[str]:
         """Ids of the user's current memories (those updated at or after `updated_since`)."""
         where, params = "user_id = ? AND valid_to IS NULL", [user_id]

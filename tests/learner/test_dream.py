@@ -213,6 +213,37 @@ def test_preloading_caches_context_of_frequent_domains_and_makes_the_next_reques
     assert all(report.warm_ms[d] < report.cold_ms[d] for d in report.domains)
 
 
+def test_preloading_from_the_users_view_builds_what_duckdb_builds(store):
+    """The learner preloads from the user's RAM view when there is one (no 10,000-row read);
+    the contexts are the same as from DuckDB, history and expired memories left out alike."""
+    for i, content in enumerate(["The user is vegetarian.", "The user loves spicy Thai food.",
+                                 "The user writes Python at work.", "The user prefers Postgres.",
+                                 "The user bakes bread on Sundays.", "The user codes in Rust."]):
+        entry, _ = store.add("ada", content)
+        store.record_access("ada", [entry.id] * i)
+    old, _ = store.add("ada", "The user likes cooking pasta.")
+    store.update_entry("ada", old.id, valid_to=store.clock.now())  # history: never preloaded
+    store.record_domains("ada", ["food"] * 30 + ["programming"] * 10, "retrieval")
+    store.flush()
+    store._views.settle_s = 0.0
+    store.user_signature("ada")
+    store.flush()
+    assert store._views.get("ada") is not None
+    from_view = PreloadCache()
+    reads = []
+    entries_where = store.entries_where
+    store.entries_where = lambda *a: reads.append(a) or entries_where(*a)
+    preload(store, "ada", cache=from_view, domains=2, measure=False)
+    assert reads == []  # every row came from the view
+    store._views.invalidate("ada")
+    store._views.claim = lambda user_id: False  # no view: DuckDB answers
+    from_db = PreloadCache()
+    preload(store, "ada", cache=from_db, domains=2, measure=False)
+    assert [(c.domain, c.memory_ids) for c in from_view.contexts("ada")] == \
+        [(c.domain, c.memory_ids) for c in from_db.contexts("ada")]
+    assert len(from_db.contexts("ada")) == 2 and old.id not in {i for c in from_db.contexts("ada") for i in c.memory_ids}
+
+
 def test_a_preloaded_context_goes_stale_when_the_users_memories_change(store):
     store.add("ada", "The user is vegetarian.")
     cache = PreloadCache()
