@@ -76,10 +76,6 @@ _TIER_RANK = {Tier.SHORT_TERM: 0, Tier.LONG_TERM: 1, Tier.PERSISTENT: 2}
 _BLOCK = 1024  # rows of the similarity matrix computed at once
 
 
-def _current(store: MemoryStore, user_id: str) -> list[MemoryEntry]:
-    return store.current_entries(user_id)  # from the user's RAM view when there is one
-
-
 # -- consolidation ----------------------------------------------------------------------
 
 
@@ -407,7 +403,7 @@ def preload(
     both paths."""
     now = (clock or store.clock).now()
     signature = store.user_signature(user_id)  # before the read: a write in between makes it stale, never wrong
-    entries = [e for e in _current(store, user_id) if e.expires_at is None or e.expires_at > now]
+    entries = [e for e in store.current_entries(user_id) if e.expires_at is None or e.expires_at > now]
     report = PreloadReport(domains=_top_domains(store, user_id, entries, domains))
     for domain in report.domains:
         chosen = _rank([e for e in entries if domain in (e.domains or infer_domains(e.content))])[:k]

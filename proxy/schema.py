@@ -53,12 +53,10 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
         body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad UTF-8, bad JSON, or NaN, Infinity, 1e999 (`_not_json`, `_finite`)
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.", code="invalid_json"
         ) from exc
-    except ValueError as exc:  # NaN, Infinity, 1e999: Python reads them, JSON numbers are finite
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     return body
