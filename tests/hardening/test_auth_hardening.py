@@ -98,8 +98,11 @@ def test_a_verified_scrypt_key_is_not_rehashed_on_every_request():
 
 async def test_a_scrypt_check_does_not_hold_up_other_requests(tmp_path, store):
     """A new key's scrypt check runs on a worker thread: memlane (on a loopback socket) answers
-    /healthz, quickly and many times, while it runs; on the event loop the check held every
-    request up for its full cost."""
+    /healthz many times while it runs, and no wait spans most of it; on the event loop the check
+    held every request up for its full cost (one wait as long as the check, a handful answered).
+    The bound is the check's own duration in this run, not a fixed figure: on a busy two-core
+    machine a single /healthz can stall for a scheduling slice (0.23 s seen once in CI) while
+    the check, competing for the same cores, takes twice its quiet cost."""
     n, salt = 2**16, b"memlane-test-salt"  # 4x the default cost, so the check is long enough to watch
     started = time.perf_counter()
     derived = hashlib.scrypt(PLAIN.encode(), salt=salt, n=n, r=8, p=1, dklen=32, maxmem=256 * 1024 * 1024)
@@ -111,6 +114,7 @@ async def test_a_scrypt_check_does_not_hold_up_other_requests(tmp_path, store):
         stack.callback(gc.enable)
         async with httpx.AsyncClient(base_url=server.url, trust_env=False) as c:
             for key, status in ((PLAIN, 200), ("sk-wrong-key", 401)):
+                check_started = time.perf_counter()
                 checking = asyncio.ensure_future(c.get("/v1/models", headers=_bearer(key)))
                 waits = []
                 while not checking.done():
@@ -118,9 +122,11 @@ async def test_a_scrypt_check_does_not_hold_up_other_requests(tmp_path, store):
                     assert (await c.get("/healthz")).status_code == 200
                     waits.append(time.perf_counter() - started)
                 assert (await checking).status_code == status
-                assert len(waits) >= 5, (key, len(waits), hash_s)
-                slow = [(i, round(w, 3)) for i, w in enumerate(waits) if w >= hash_s / 2]
-                assert not slow, (key, len(waits), slow, hash_s)
+                check_s = time.perf_counter() - check_started
+                assert check_s >= hash_s / 2, (key, check_s, hash_s)  # the check did run, at about its cost
+                assert len(waits) >= 5, (key, len(waits), check_s)
+                stalled = [(i, round(w, 3)) for i, w in enumerate(waits) if w >= hash_s / 2]
+                assert sum(w for _, w in stalled) < check_s * 0.6, (key, len(waits), stalled, check_s)
             started = time.perf_counter()
             assert (await c.get("/v1/models", headers=_bearer(PLAIN))).status_code == 200  # remembered now
             assert time.perf_counter() - started < hash_s / 2
