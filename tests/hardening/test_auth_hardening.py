@@ -127,9 +127,12 @@ async def test_a_scrypt_check_does_not_hold_up_other_requests(tmp_path, store):
                 assert len(waits) >= 5, (key, len(waits), check_s)
                 stalled = [(i, round(w, 3)) for i, w in enumerate(waits) if w >= hash_s / 2]
                 assert sum(w for _, w in stalled) < check_s * 0.6, (key, len(waits), stalled, check_s)
-            started = time.perf_counter()
-            assert (await c.get("/v1/models", headers=_bearer(PLAIN))).status_code == 200  # remembered now
-            assert time.perf_counter() - started < hash_s / 2
+            remembered = []  # the key's answer is remembered now: no request pays for a check again
+            for _ in range(5):
+                started = time.perf_counter()
+                assert (await c.get("/v1/models", headers=_bearer(PLAIN))).status_code == 200
+                remembered.append(time.perf_counter() - started)
+            assert sorted(remembered)[2] < hash_s / 2, (remembered, hash_s)
 
 
 def test_keys_are_compared_in_constant_time_without_early_exit(monkeypatch):
