@@ -9,7 +9,9 @@ Three processes, as in ``bench_latency``: the fake upstream (``tests/e2e/fake_up
 answering at once), ``memlane serve`` with memory on, and this closed-loop load generator
 (``c`` workers, each with its own keep-alive connection). Requests rotate over 50 sub-users
 (``X-Memlane-User``); every 10th user turn states a fact (so the learner extracts and stores
-memories all along) and every 4th request streams.
+memories all along) and every 4th request streams. Every fact is new unless ``--fact-pool N``
+bounds them to N distinct ones, restated in turn: then the store stops growing once each has
+been said, and what RSS still does is not data the store was asked to keep.
 
 Figures:
 - errors: any non-200 or transport error (the target is zero);
@@ -17,6 +19,9 @@ Figures:
   upstream) between two scrapes after warm-up, p50/p99 interpolated in its buckets; and, from
   the client, end-to-end p50/p99 through memlane against a direct round to the upstream at the
   same concurrency (before and after the run);
+- memories extracted during the measured part (``memlane_memories_extracted``), the teacher-log
+  rows written (``memlane_log_rows_written``): the data the run added, which the store's
+  indexes and caches hold;
 - resident memory: memlane's RSS from ``/proc/<pid>/status`` every ``--sample-s`` seconds;
   drift = median of the last quarter of the samples after warm-up over the median of the first
   quarter, minus one (the target is under 10%).
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.benchmarks.bench_latency import (
     MODEL,
@@ -83,13 +89,29 @@ def drift(samples: list[float]) -> float | None:
     return statistics.median(samples[-q:]) / statistics.median(samples[:q]) - 1
 
 
-def _message(i: int) -> str:
+def _message(i: int, fact_pool: int = 0) -> str:
+    """The i-th user turn: a question, or every 10th a fact; with `fact_pool`, fact number
+    i // 10 modulo the pool (a multiple of 4: the text then repeats with its number)."""
     if i % 10 == 0:
-        return FACTS[(i // 10) % len(FACTS)].format(f"{WORDS[i % len(WORDS)]} {i}")
+        n = (i // 10) % fact_pool if fact_pool else i
+        return FACTS[(i // 10) % len(FACTS)].format(f"{WORDS[i % len(WORDS)]} {n}")
     return f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, *, proxied: bool) -> Tally:
+async def counters(client: httpx.AsyncClient, url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Current values of memlane's counters `names` (``_total`` samples, summed over labels)."""
+    values = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families((await client.get(f"{url}/metrics")).text):
+        if family.name in values:
+            values[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return values
+
+
+GROWTH_COUNTERS = ("memlane_memories_extracted", "memlane_log_rows_written")
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, *, proxied: bool,
+                      fact_pool: int = 0) -> Tally:
     """Each worker sends its next request as soon as its last one is answered, for `seconds`."""
     tally, counter = Tally(), itertools.count()
     deadline = time.perf_counter() + seconds
@@ -98,7 +120,8 @@ async def closed_loop(url: str, concurrency: int, seconds: float, *, proxied: bo
         while time.perf_counter() < deadline:
             i = next(counter)
             stream = i % 4 == 0
-            body = {"model": MODEL, "stream": stream, "messages": [{"role": "user", "content": _message(i)}]}
+            body = {"model": MODEL, "stream": stream,
+                    "messages": [{"role": "user", "content": _message(i, fact_pool)}]}
             headers = {"x-memlane-user": f"user{i % USERS:02d}"} if proxied else {}
             started = time.perf_counter()
             try:
@@ -150,14 +173,16 @@ async def run(args: argparse.Namespace, upstream: str, memlane) -> dict:  # type
     sampler = asyncio.ensure_future(sample_rss(memlane.process.pid, args.sample_s, samples, stop))
     warmup_s = min(args.warmup_s, args.minutes * 60 / 4)
     print(f"  warm-up: {warmup_s:.0f} s", flush=True)
-    warm = await closed_loop(chat, args.concurrency, warmup_s, proxied=True)
+    warm = await closed_loop(chat, args.concurrency, warmup_s, proxied=True, fact_pool=args.fact_pool)
     async with httpx.AsyncClient(timeout=30, trust_env=False) as probe:
         before = await overhead_histogram(probe, memlane.url)
+        grown_before = await counters(probe, memlane.url, GROWTH_COUNTERS)
         measured_s = args.minutes * 60 - warmup_s
         print(f"  load: {measured_s:.0f} s at c={args.concurrency}", flush=True)
         measured_from = len(samples)
-        load = await closed_loop(chat, args.concurrency, measured_s, proxied=True)
+        load = await closed_loop(chat, args.concurrency, measured_s, proxied=True, fact_pool=args.fact_pool)
         after = await overhead_histogram(probe, memlane.url)
+        grown_after = await counters(probe, memlane.url, GROWTH_COUNTERS)
     stop.set()
     await sampler
     direct_after = await closed_loop(direct, args.concurrency, baseline_s, proxied=False)
@@ -167,6 +192,9 @@ async def run(args: argparse.Namespace, upstream: str, memlane) -> dict:  # type
     e2e, base = stats(load.latencies), stats(direct_lat)
     return {
         "minutes": args.minutes, "concurrency": args.concurrency, "embedder": args.embedder,
+        "fact_pool": args.fact_pool, "memlane_env": args.memlane_env,
+        "added": {name.removeprefix("memlane_"): int(grown_after[name] - grown_before[name])
+                  for name in GROWTH_COUNTERS},
         "requests": load.requests, "requests_per_s": round(load.requests / measured_s, 1),
         "errors": dict(load.errors), "warmup_errors": dict(warm.errors),
         "direct_errors": dict(direct_before.errors + direct_after.errors),
@@ -191,9 +219,12 @@ def report(r: dict) -> str:
         return f">= {ms(top)} (past the last bucket)" if q is not None and top and q >= top else ms(q)
 
     drift_text = f"{rss['drift'] * 100:+.1f}%" if rss["drift"] is not None else "n/a"
+    facts = f"restated from a pool of {r['fact_pool']}" if r["fact_pool"] else "every one new"
     lines = [
         f"load: {r['minutes']} min at c={r['concurrency']} (embedder {r['embedder']}): {r['requests']} requests, "
-        f"{r['requests_per_s']} req/s",
+        f"{r['requests_per_s']} req/s; facts: {facts}; memlane environment {r['memlane_env'] or 'as shipped'}",
+        f"added while measured: {r['added']['memories_extracted']} memories, "
+        f"{r['added']['log_rows_written']} teacher-log rows",
         f"errors: {sum(r['errors'].values())} {r['errors'] or ''}",
         f"added latency (memlane_overhead_seconds): p50 {bucketed(o.get('p50'))}, p99 {bucketed(o.get('p99'))}, "
         f"mean {ms(o.get('mean'))} over {o.get('count', 0)} requests",
@@ -215,9 +246,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=60.0, help="load before measuring (at most a quarter of the run)")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS sampling period")
     p.add_argument("--embedder", choices=("minilm", "hash"), default="minilm")
+    p.add_argument("--fact-pool", type=int, default=0,
+                   help="restate facts from this many distinct ones (a multiple of 4); 0: every fact is new")
+    p.add_argument("--memlane-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for memlane, to try a setting (e.g. MEMLANE_MEMORY_VIEW_ROWS=0); repeatable")
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.memlane_env = dict(item.split("=", 1) for item in args.memlane_env)
+    except ValueError:
+        p.error("--memlane-env takes KEY=VALUE")
+    if args.fact_pool % 4:
+        p.error("--fact-pool must be a multiple of 4 (each fact's text repeats with its number)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="memlane-bench-load-") as tmp:
         with upstream_process(Path(tmp)) as upstream:
             with memlane_process(Path(tmp), upstream, memory=True, ready_timeout=args.ready_timeout,
-                                 extra_env={"MEMLANE_EMBEDDER": args.embedder}) as memlane:
+                                 extra_env={"MEMLANE_EMBEDDER": args.embedder, **args.memlane_env}) as memlane:
                 results = asyncio.run(run(args, upstream, memlane))
                 crash = memlane.crash()
     results["crashed"] = crash
