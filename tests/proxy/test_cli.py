@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -203,3 +204,17 @@ def test_every_memories_command_works_through_a_server(server, tmp_path):
     assert "forgotten" in cli("forget", tea).output and store.get("ada", tea) is None
     assert "wiped bob: 3 memories" in cli("wipe", "--yes", user="bob").output
     assert store.count("bob") == 0 and store.count("ada") == 2
+
+
+@pytest.mark.parametrize(("configured", "backend"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_serve_gives_arrow_the_system_allocator_unless_one_is_configured(configured, backend):
+    """pyarrow's own default (mimalloc) kept memory the store's threads freed: `memlane serve`
+    hands Arrow glibc's malloc, unless ARROW_DEFAULT_MEMORY_POOL asks for another."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if configured:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = configured
+    script = ("import pyarrow; from proxy.cli import _arrow_system_pool; _arrow_system_pool(); "
+              "print(pyarrow.default_memory_pool().backend_name)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [backend]
