@@ -91,10 +91,10 @@ def serve(
 def _arrow_system_pool() -> None:
     """Give pyarrow the system allocator unless ARROW_DEFAULT_MEMORY_POOL names one.
 
-    The store moves rows between DuckDB and Python through Arrow on many short-lived threads
-    (the request pool, the learner, view builds). pyarrow's default, mimalloc, kept what those
-    threads freed: under a 4-minute load at c=64 the server's RSS grew +17% to +25% with it
-    and +9% with glibc's malloc, at the same throughput (docs/reliability.md, section 9).
+    The store moves rows between DuckDB and Python through Arrow on many threads (the request
+    pool, the learner, view builds). pyarrow's default, mimalloc, held on to memory they freed:
+    over 10 minutes at c=64 the server's RSS drifted +18.8% with it and +6.6% with glibc's
+    malloc, which also served 11% more requests (docs/reliability.md, section 9).
     """
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
