@@ -12,11 +12,11 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.duckdb_faults import invalidate_database
 from tests.e2e.fake_upstream import FakeUpstream
 from tests.hardening.conftest import assert_openai_error, chat, serving, settings_for
+from tests.own_time import with_own_time
 
 BUDGET_MS = 300
 ANSWER_WITHIN_S = BUDGET_MS / 1000 + 1.0  # memlane's own time: budget plus room for a shared 2-core machine
@@ -28,26 +28,10 @@ def upstream():
         yield fake
 
 
-def overhead(server) -> tuple[float, float]:
-    """memlane's own time on chat requests so far (``memlane_overhead_seconds``: each request's
-    total minus its wait on the upstream), as (count, sum)."""
-    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=30).text)
-    samples = [s for f in families if f.name == "memlane_overhead_seconds" for s in f.samples]
-    return (sum(s.value for s in samples if s.name.endswith("_count")),
-            sum(s.value for s in samples if s.name.endswith("_sum")))
-
-
 def ask(server, text: str) -> tuple[httpx.Response, float]:
-    """The answer and the time memlane itself took for it (the memory path included, the
-    upstream's answer not: on a busy machine the in-process fake upstream alone was seen to
-    take 1.4 s, which says nothing about the memory budget)."""
-    count, total = overhead(server)
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat(text), timeout=30)
-    deadline = time.monotonic() + 10
-    while (now := overhead(server))[0] < count + 1:  # observed as the request finishes
-        assert time.monotonic() < deadline, "the request's overhead was never observed"
-        time.sleep(0.01)
-    return r, now[1] - total
+    """The answer and memlane's own time for it (the memory path included, the upstream not)."""
+    return with_own_time(server.url, lambda: httpx.post(f"{server.url}/v1/chat/completions",
+                                                        json=chat(text), timeout=30))
 
 
 def assert_answered_without_memory(r: httpx.Response, elapsed: float, upstream, text: str) -> None:
