@@ -93,8 +93,9 @@ def _arrow_system_pool() -> None:
 
     The store moves rows between DuckDB and Python through Arrow on many threads (the request
     pool, the learner, view builds). pyarrow's default, mimalloc, held on to memory they freed:
-    over 10 minutes at c=64 the server's RSS drifted +18.8% with it and +6.6% with glibc's
-    malloc, which also served 11% more requests (docs/reliability.md, section 9).
+    over 10 minutes at c=64 the server's RSS drifted +18.8% with it and +6.6% and +10.9% (two
+    runs) with glibc's malloc, which also served 8-11% more requests (docs/reliability.md,
+    section 9).
     """
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
