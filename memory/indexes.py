@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import structlog
 
-from memory.rows import EMBEDDING_DIM, first_row, vector_param
+from memory.rows import EMBEDDING_DIM, arrow_table, first_row, vector_param
 from memory.views import UserView, ViewCache, load_postings
 
 __all__ = ["EXACT_SCAN_MAX_ROWS", "HNSW_INDEX", "IndexedSearch"]
@@ -111,9 +111,9 @@ class _UserVectors:
 
 def fetch_user_vectors(cursor: duckdb.DuckDBPyConnection, user_id: str) -> tuple[list[str], np.ndarray]:
     """Every vector of the user's memories, history included, in id order: (ids, (n, 384))."""
-    table = cursor.execute(
+    table = arrow_table(cursor.execute(
         "SELECT id, embedding FROM memory_vectors WHERE user_id = ? ORDER BY id", [user_id]
-    ).fetch_arrow_table()
+    ))
     ids = table.column("id").to_pylist()
     return ids, _matrix(table, len(ids))
 
@@ -124,9 +124,9 @@ def fetch_hashed_vectors(
     """The user's vectors (all, or those of `memory_ids`) in id order, each with DuckDB's hash
     of it, read in the same query: (ids, (n, 384), hashes)."""
     where, params = ("", [user_id]) if memory_ids is None else (" AND list_contains(?, id)", [user_id, list(memory_ids)])
-    table = cursor.execute(
+    table = arrow_table(cursor.execute(
         f"SELECT id, embedding, hash(embedding) FROM memory_vectors WHERE user_id = ?{where} ORDER BY id", params
-    ).fetch_arrow_table()
+    ))
     ids = table.column(0).to_pylist()
     return ids, _matrix(table, len(ids)), table.column(2).to_pylist()
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from memory.entry import MemoryEntry
-from memory.rows import EMBEDDING_DIM, ENTRY_COLUMNS, Link, entry_params
+from memory.rows import EMBEDDING_DIM, ENTRY_COLUMNS, Link, arrow_table, entry_params
 
 __all__ = ["RestoreQueries"]
 
@@ -36,10 +36,10 @@ class RestoreQueries:
         """The stored embeddings of these memories of the user, by id."""
         if not memory_ids:
             return {}
-        table = self._cursor().execute(
+        table = arrow_table(self._cursor().execute(
             "SELECT id, embedding FROM memory_vectors WHERE user_id = ? AND list_contains(?, id)",
             [user_id, list(memory_ids)],
-        ).fetch_arrow_table()
+        ))
         if table.num_rows == 0:
             return {}
         vectors = table.column("embedding").combine_chunks().flatten().to_numpy()

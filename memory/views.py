@@ -44,7 +44,7 @@ import numpy as np
 from usearch.index import Index
 
 from memory.entry import MemoryEntry
-from memory.rows import EMBEDDING_DIM, ENTRY_COLUMNS, Link, entry_from_row
+from memory.rows import EMBEDDING_DIM, ENTRY_COLUMNS, Link, arrow_table, entry_from_row
 
 __all__ = [
     "ANN_MIN_ROWS",
@@ -202,9 +202,9 @@ class ViewPostings:
 
 def load_postings(cursor: duckdb.DuckDBPyConnection, user_id: str, text_generation: int) -> ViewPostings:
     """The user's postings (one query over the table sorted by user and term)."""
-    table = cursor.execute(
+    table = arrow_table(cursor.execute(
         "SELECT termid, id, len, tf FROM memory_postings WHERE user_id = ? ORDER BY termid, id", [user_id]
-    ).fetch_arrow_table()
+    ))
     ids = table.column("id").to_numpy(zero_copy_only=False)
     docs, doc_rows = np.unique(ids, return_inverse=True)
     lengths = np.zeros(len(docs), dtype=np.float64)
@@ -345,7 +345,7 @@ def _load_entries(cursor: duckdb.DuckDBPyConnection, user_id: str,
     if previous is None or previous.row_hashes is None:
         rows = cursor.execute(select, [user_id]).fetchall()
         return {r[0]: entry_from_row(r[:-1]) for r in rows}, {r[0]: r[-1] for r in rows}
-    table = cursor.execute("SELECT id, hash(m) FROM memories m WHERE user_id = ?", [user_id]).to_arrow_table()
+    table = arrow_table(cursor.execute("SELECT id, hash(m) FROM memories m WHERE user_id = ?", [user_id]))
     now = dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
     changed = {i for i, h in now.items() if previous.row_hashes.get(i) != h}
     # Read again: the rows that changed, each with the hash of what was read, since a row may
@@ -363,9 +363,9 @@ def _load_entries(cursor: duckdb.DuckDBPyConnection, user_id: str,
 
 
 def _vector_hashes(cursor: duckdb.DuckDBPyConnection, user_id: str) -> dict[str, int]:
-    table = cursor.execute(
+    table = arrow_table(cursor.execute(
         "SELECT id, hash(embedding) FROM memory_vectors WHERE user_id = ?", [user_id]
-    ).to_arrow_table()
+    ))
     return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 

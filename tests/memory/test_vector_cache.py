@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from memory import MemoryStore
-from memory.indexes import EXACT_SQL
-from memory.rows import vector_param
+from memory.indexes import EXACT_SQL, fetch_hashed_vectors, fetch_user_vectors
+from memory.rows import ARROW_BATCH_ROWS, arrow_table, vector_param
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -43,3 +43,25 @@ def test_a_write_drops_the_users_ram_copy_so_new_memories_are_found(store: Memor
 
     assert best > 0.999 and store.get("alice", best_id).content == "the query itself"
     assert store.similarities("alice", query, [best_id])[best_id] > 0.999
+
+
+def test_vectors_read_in_arrow_batches_come_back_whole_and_in_order(store: MemoryStore) -> None:
+    """A user with more vectors than one Arrow batch: every reader gets each vector once, its own."""
+    rows = 2 * ARROW_BATCH_ROWS + 7
+    vectors = unit(np.random.default_rng(8).standard_normal((rows, 384)))
+    assert store.bulk_add("alice", [f"alice {i}" for i in range(rows)], vectors, source="test") == rows
+    stored = store._cursor().execute("SELECT id, content FROM memories WHERE user_id = 'alice'").fetchall()
+    by_id = {memory_id: vectors[int(content.split()[1])] for memory_id, content in stored}
+
+    batches = arrow_table(store._cursor().execute("SELECT embedding FROM memory_vectors")).to_batches()
+    assert len(batches) >= 3 and max(b.num_rows for b in batches) <= ARROW_BATCH_ROWS
+
+    read_ids, matrix = fetch_user_vectors(store._cursor(), "alice")
+    assert read_ids == sorted(by_id)
+    assert np.array_equal(matrix, np.stack([by_id[i] for i in read_ids]))
+
+    hashed_ids, hashed, hashes = fetch_hashed_vectors(store._cursor(), "alice")
+    assert hashed_ids == read_ids and np.array_equal(hashed, matrix) and len(set(hashes)) == rows
+
+    some = read_ids[::997]
+    assert {i: v.tolist() for i, v in store.vectors_of("alice", some).items()} == {i: by_id[i].tolist() for i in some}
