@@ -74,9 +74,9 @@ def first_row(result: Any) -> tuple[Any, ...] | None:
 
 # Rows per Arrow record batch when a result is read as an Arrow table. DuckDB's default batch,
 # 1,000,000 rows, makes it reserve buffers for that many rows of every column before the first
-# row is read: 1.5 GiB for a FLOAT[384] column (an mmap and munmap on every call) and 8 MiB per
-# 64-bit column, taken from glibc's arenas, whose heaps that churn grows (measured under load:
-# 82 mmaps of 2 GiB and 36 new 64 MiB arena heaps a minute, all from vector and hash reads).
+# row is read: 1.5 GiB for a FLOAT[384] column and 8 MiB per 64-bit column (measured under load:
+# 82 mmaps of 2 GiB a minute, and 36 glibc heaps made and freed, from vector and hash reads; a
+# host with strict overcommit may refuse the 2 GiB).
 ARROW_BATCH_ROWS = 2048
 
 
