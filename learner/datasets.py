@@ -271,7 +271,7 @@ def _memory_examples(
     for entry in entries:
         questions = questions_for(entry)
         specific, generic = questions[:-len(_GENERIC_QUESTIONS)], questions[-len(_GENERIC_QUESTIONS):]
-        random.Random(f"{seed}:{entry.id}").shuffle(specific)
+        random.Random(f"{seed}:{entry.content}").shuffle(specific)  # content, not the random id: reproducible
         chosen = (specific + generic)[:paraphrases]
         weight = round(entry.confidence.overall * TYPE_WEIGHTS[entry.memory_type]
                        * _memory_feedback(entry, feedback), 6)
@@ -361,6 +361,8 @@ def build_dataset(
     interactions = store.interactions(user_id=user_id, limit=max_interactions)
     examples = _memory_examples(entries, feedback, seed=seed, paraphrases=paraphrases)
     examples += _teacher_examples(interactions, feedback)
-    examples.sort(key=lambda e: (e.source, e.id))
+    # Ordered by what the examples say, so the same memories and log give the same training run
+    # (ids are random per store; ordering by them made each update's drift differ run to run).
+    examples.sort(key=lambda e: (e.source, e.instruction, e.output, e.input, e.id))
     digest = hashlib.sha256(_jsonl(examples)).hexdigest()[:16]
     return Dataset(user_id, tuple(examples), f"ds-{digest}")

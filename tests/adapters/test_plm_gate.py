@@ -31,7 +31,9 @@ from memory import HashEmbedder, MemoryStore
 pytestmark = pytest.mark.slow
 
 CONFIG = UpdateConfig(
-    train=TrainConfig(epochs=10, lr=2e-3, replay_tokens=48, kl_weight=6.0),  # drift well inside the 3% bar
+    # lr 1e-3 measured -0.8% drift with both facts known; 2e-3 drifted +1-4% with the examples
+    # in random order (before datasets were ordered by content), too close to the 3% bar.
+    train=TrainConfig(epochs=10, lr=1e-3, replay_tokens=48, kl_weight=6.0),
     gate=GateConfig(heldout_windows=8, heldout_tokens=96, max_new_tokens=12),
     replay_windows=16,
 )

@@ -86,6 +86,18 @@ def test_same_store_gives_byte_identical_output_and_version(store, tmp_path):
     assert build_dataset(store, "ada").version != first.version
 
 
+def test_the_same_memories_in_another_store_train_in_the_same_order(store, tmp_path):
+    """Memory ids are random per store; the questions chosen and the order of the examples (what
+    a training run sees, step by step) depend only on what the memories and the log say."""
+    fill(store)
+    with MemoryStore.open(tmp_path / "other.duckdb", embedder=HashEmbedder(), clock=Clock()) as other:
+        fill(other)
+        ours, theirs = build_dataset(store, "ada", paraphrases=4), build_dataset(other, "ada", paraphrases=4)
+    assert {e.memory_id for e in ours.examples if e.memory_id}.isdisjoint(
+        {e.memory_id for e in theirs.examples if e.memory_id})  # different ids ...
+    assert [e.messages for e in ours.examples] == [e.messages for e in theirs.examples]  # ... same run
+
+
 def test_each_memory_gives_several_paraphrased_questions_in_both_formats(store):
     fill(store)
     dataset = build_dataset(store, "ada", paraphrases=3)
