@@ -287,6 +287,19 @@ class JobQueue:
             ).fetchall()
         return _job(rows[0]) if rows else None
 
+    def prune_done_jobs(self, kept: timedelta) -> int:
+        """Delete the jobs done more than `kept` ago; returns how many. Dead letters stay until
+        they are retried or their user is wiped. Every lease and `next_job_due` reads the whole
+        table, and a job's row carries a copy of the user's turn: kept for ever, both would grow
+        with every interaction served. What a job did stays where it is used: the interaction in
+        the teacher log, the memories and their sources."""
+        cutoff = self.clock.now() - kept
+        with self._write_lock:
+            row = first_row(self._writable_cursor().execute(
+                "DELETE FROM learner_jobs WHERE state = 'done' AND finished_at < ?", [cutoff]
+            ))
+        return int(row[0]) if row else 0
+
     # -- reads -----------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> Job | None:

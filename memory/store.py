@@ -42,7 +42,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,6 +96,9 @@ __all__ = [
 
 log = structlog.get_logger("memlane.store")
 
+# The learner's done jobs are kept this long for inspection (`GET /v1/learner/jobs/{id}`).
+DONE_JOBS_KEPT = timedelta(hours=1)
+
 def _connect(
     path: str | Path, *, read_only: bool, encryption_key: str | None
 ) -> duckdb.DuckDBPyConnection:
@@ -143,8 +146,10 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         weights: _retrieve.RetrievalWeights,
         deletes_since_index_load: int = 0,
         view_rows: int = VIEW_CACHE_MAX_ROWS,
+        done_jobs_kept: timedelta | None = DONE_JOBS_KEPT,
     ) -> None:
         self._conn = conn
+        self.done_jobs_kept = done_jobs_kept
         self.embedder = embedder
         self.clock = clock
         self.tier_policy = tier_policy
@@ -200,6 +205,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         tier_policy: _tiers.TierPolicy | None = None,
         weights: _retrieve.RetrievalWeights | None = None,
         view_rows: int = VIEW_CACHE_MAX_ROWS,
+        done_jobs_kept: timedelta | None = DONE_JOBS_KEPT,
     ) -> MemoryStore:
         """Open (creating if needed) the store at `path`, or ":memory:".
 
@@ -207,7 +213,8 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         whose migrations are not all applied) and makes the derived indexes if missing.
         `encryption_key` encrypts the file (AES-GCM through DuckDB); the same key is needed
         to open it again. `view_rows`: memories held in RAM views across users (a user with
-        more is read from DuckDB; 0: no views). `overfetch`: an HNSW scan fetches k * overfetch rows before the
+        more is read from DuckDB; 0: no views). `done_jobs_kept`: how long `maintain()` keeps the
+        learner's done jobs (None: for ever). `overfetch`: an HNSW scan fetches k * overfetch rows before the
         user filter.
         """
         if embedder.dim != EMBEDDING_DIM:
@@ -239,6 +246,7 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             weights=weights or _retrieve.RetrievalWeights(),
             deletes_since_index_load=10**9 if unclean else 0,
             view_rows=view_rows,
+            done_jobs_kept=done_jobs_kept,
         )
         if str(path) != ":memory:":  # an in-memory database is gone with its connection
             store._reconnect = reconnect
@@ -1008,8 +1016,13 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
         return bool(self.delete_entries(user_id, [memory_id]))
 
     def maintain(self) -> _tiers.MaintenanceReport:
-        """Promote, expire and decay by the tier rules, then refresh the text index if stale."""
+        """Promote, expire and decay by the tier rules, prune the learner's old done jobs, then
+        refresh the text index if stale."""
         report = _tiers.run_maintenance(self)
+        if self.done_jobs_kept is not None:
+            report.jobs_pruned = self.prune_done_jobs(self.done_jobs_kept)
+            if report.jobs_pruned:
+                log.info("learner_jobs_pruned", jobs=report.jobs_pruned)
         if self._text_index_stale:
             self.refresh_text_index()
         return report

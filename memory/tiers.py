@@ -134,6 +134,7 @@ class MaintenanceReport:
     expired: int = 0
     decayed: int = 0
     forgotten: int = 0
+    jobs_pruned: int = 0  # learner jobs done longer ago than the store keeps them
 
 
 def run_maintenance(store: MemoryStore) -> MaintenanceReport:

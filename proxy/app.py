@@ -195,6 +195,7 @@ def open_store(settings: Settings, emb: Embedder, **options: Any) -> MemoryStore
     key = settings.database_key.get_secret_value() if settings.database_key else None
     policy = TierPolicy(short_term_ttl=timedelta(hours=settings.short_term_ttl_hours))
     options.setdefault("view_rows", settings.memory_view_rows)
+    options.setdefault("done_jobs_kept", timedelta(hours=settings.learner_keep_done_hours))
     return MemoryStore.open(settings.database, embedder=emb, encryption_key=key, tier_policy=policy, **options)
 
 

@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     learner_backoff_s: float = Field(default=5.0, gt=0)  # before the 2nd attempt, doubling after
     learner_lease_s: float = Field(default=120.0, gt=0)  # a job held longer is leased again
     learner_token: SecretStr | None = None  # required to lease jobs over HTTP when keys are set
+    # Done jobs are deleted by the maintenance pass once this old (dead letters stay).
+    learner_keep_done_hours: float = Field(default=1.0, ge=0)
     learn_every: int = Field(default=10, ge=1)  # interactions learned per user between runs
     learn_period_hours: float = Field(default=24.0, gt=0)  # or this long, with any learned
     learn_min_gap_s: float = Field(default=60.0, ge=0)  # at most one run per user this often

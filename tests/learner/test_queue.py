@@ -256,3 +256,21 @@ def test_the_runner_leases_again_only_when_woken_after_a_round_that_took_every_d
     finally:
         runner.stop()
     assert len(store.jobs(state="done")) == 7
+
+
+def test_maintenance_deletes_done_jobs_after_an_hour_and_keeps_dead_letters_and_waiting_jobs(store, clock):
+    done, dead, waiting = enqueue(store, ["I keep bees.", "I live in Oslo.", "I play chess."])
+    leased = {j.id: j for j in store.lease_jobs("w", limit=2, lease_for=timedelta(minutes=10))}
+    assert run_job(store, HashEmbedder(), RulesExtractor(), leased[done], "w", RetryPolicy()).state == "done"
+    assert store.fail_job(dead, "w", "boom", RetryPolicy(max_attempts=1)) == "dead"
+
+    clock.advance(minutes=59)
+    assert store.maintain().jobs_pruned == 0  # kept for an hour, for inspection
+    assert store.get_job(done).state == "done"
+
+    clock.advance(minutes=2)
+    assert store.maintain().jobs_pruned == 1
+    assert store.get_job(done) is None
+    assert store.get_job(dead).state == "dead" and store.get_job(waiting).state == "pending"
+    assert [m.content for m in store.list("ada")] == ["The user keeps bees."]  # what it did stays
+    assert store.interactions(limit=10) and len(store.interactions(limit=10)) == 3

@@ -97,3 +97,16 @@ def test_serve_sets_the_gil_switch_interval_from_the_settings(tmp_path, monkeypa
             assert seen[-1] == pytest.approx(expected)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_store_keeps_done_learner_jobs_as_long_as_configured(tmp_path):
+    from datetime import timedelta
+
+    from memory import HashEmbedder
+    from proxy.app import open_store
+
+    s = Settings.from_env({"MEMLANE_LEARNER_KEEP_DONE_HOURS": "0.25", "MEMLANE_DATABASE": str(tmp_path / "m.duckdb")})
+    with open_store(s, HashEmbedder()) as store:
+        assert store.done_jobs_kept == timedelta(minutes=15)
+    with pytest.raises(SettingsError, match="MEMLANE_LEARNER_KEEP_DONE_HOURS"):
+        Settings.from_env({"MEMLANE_LEARNER_KEEP_DONE_HOURS": "-1"})
