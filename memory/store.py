@@ -1027,6 +1027,12 @@ class MemoryStore(IndexedSearch, RestoreQueries, InteractionLog, JobQueue, Feedb
             self.refresh_text_index()
         return report
 
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes DuckDB's buffer manager holds, by tag in lower case (`base_table`, `art_index`,
+        `in_memory_table`, ...). Memory its allocator keeps beyond these is not counted."""
+        rows = self._cursor().execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()").fetchall()
+        return {str(tag).lower(): int(size) for tag, size in rows}
+
     def user_vectors(self, user_id: str) -> tuple[list[str], np.ndarray]:
         """Every vector of the user's memories, history included: (ids, (n, 384) matrix)."""
         return fetch_user_vectors(self._cursor(), user_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5, 1)
@@ -16,6 +16,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open files
         self.requests = Counter(
             "memlane_requests", "HTTP requests served", ["route", "method", "status"], registry=r
         )
@@ -72,6 +73,12 @@ class Metrics:
         self.plm_update_seconds = Histogram(
             "memlane_plm_update_seconds", "Wall time of a personal-adapter update: data, training and gate",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=r,
+        )
+        self.store_memory = Gauge(
+            "memlane_store_memory_bytes",
+            "Memory DuckDB's buffer manager holds for the store, by what holds it (base_table: cached "
+            "table blocks, art_index: key indexes, in_memory_table: rows not yet checkpointed, ...)",
+            ["tag"], registry=r,
         )
         self.learner_jobs = Counter(
             "memlane_learner_jobs", "Learner job attempts by outcome: done, pending (to retry), dead, lost",

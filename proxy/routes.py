@@ -62,4 +62,11 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: AppState = request.app.state.memlane
+    if state.store is not None:
+        try:  # read off the loop, briefly: a broken or busy store leaves the gauges as they were
+            usage = await asyncio.wait_for(asyncio.to_thread(state.store.memory_usage), timeout=1.0)
+        except Exception:
+            usage = {}
+        for tag, size in usage.items():
+            state.metrics.store_memory.labels(tag=tag).set(size)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.proxy.conftest import UPSTREAM, chat_body, completion_json, learner_of
 
@@ -180,6 +181,23 @@ async def test_broken_store_still_answers_and_says_so(client, respx_mock, store)
     assert r.headers["x-memlane-memory"] == "degraded"
     metrics = (await client.get("/metrics")).text
     assert "memlane_memory_failures_total 1.0" in metrics
+
+
+async def test_metrics_show_the_process_and_the_stores_memory_and_survive_a_broken_store(client, respx_mock, store):
+    respx_mock.post(f"{UPSTREAM}/chat/completions").mock(return_value=httpx.Response(200, json=completion_json()))
+    await client.post("/v1/chat/completions", json=chat_body("I live in Oslo."))
+    assert learner_of(client).drain(5)
+    families = {f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    assert families["process_resident_memory_bytes"].samples[0].value > 10 * 2**20
+    held = {s.labels["tag"]: s.value for s in families["memlane_store_memory_bytes"].samples}
+    assert {"base_table", "art_index", "in_memory_table"} <= set(held) and sum(held.values()) > 0
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    store.memory_usage = broken
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and "memlane_store_memory_bytes" in r.text  # the last reading stays
 
 
 async def test_extracted_fact_reaches_a_later_conversation(client, respx_mock, store):
