@@ -250,3 +250,36 @@ def test_onnx_runs_stay_within_the_token_budget_and_give_the_same_vectors(onnx_c
     assert sum(rows for rows, _ in shapes) == 64
     alone = np.stack([embedder.embed([t])[0] for t in texts])
     assert np.allclose(alone, got, atol=1e-5)
+
+
+def test_the_onnx_arena_has_its_full_size_after_load_and_does_not_step_up_under_load(onnx_cache: Path) -> None:
+    """ONNX Runtime's CPU arena keeps the largest buffers a run ever needed. The embedder runs the
+    largest shape once at load, so a later burst of long texts (the largest runs there can be)
+    does not grow the process's heap: memory after start-up is what it stays at."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+
+    def heap_in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    embedder = MiniLMEmbedder(cache_dir=onnx_cache, backend="onnx")
+    embedder.load()
+    embedder.embed(["a first short query"])
+    before = heap_in_use()
+    long_text = " ".join(["The user keeps a long diary of every trip across Europe."] * 40)
+    for rows in (2, 4, 8, 64):
+        embedder.embed([f"{long_text} {i}" for i in range(rows)])
+    embedder.embed([f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(64)])
+    assert heap_in_use() - before < 16 * 2**20  # without the warm-up: +64 MiB here
