@@ -24,7 +24,9 @@ Figures:
   indexes and caches hold;
 - resident memory: memlane's RSS from ``/proc/<pid>/status`` every ``--sample-s`` seconds;
   drift = median of the last quarter of the samples after warm-up over the median of the first
-  quarter, minus one (the target is under 10%).
+  quarter, minus one (the target is under 10%);
+- DuckDB's own count (``memlane_store_memory_bytes``, by tag) at the start and the end of the
+  measured part: how much of the growth is the store's cached blocks and key indexes.
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ async def counters(client: httpx.AsyncClient, url: str, names: tuple[str, ...]) 
 GROWTH_COUNTERS = ("memlane_memories_extracted", "memlane_log_rows_written")
 
 
+async def store_memory_mib(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """What DuckDB's buffer manager holds for the store (``memlane_store_memory_bytes``), by tag."""
+    held: dict[str, float] = {}
+    for family in text_string_to_metric_families((await client.get(f"{url}/metrics")).text):
+        if family.name == "memlane_store_memory_bytes":
+            held = {s.labels["tag"]: round(s.value / 2**20, 1) for s in family.samples if s.value}
+    return held
+
+
 async def closed_loop(url: str, concurrency: int, seconds: float, *, proxied: bool,
                       fact_pool: int = 0) -> Tally:
     """Each worker sends its next request as soon as its last one is answered, for `seconds`."""
@@ -177,12 +188,14 @@ async def run(args: argparse.Namespace, upstream: str, memlane) -> dict:  # type
     async with httpx.AsyncClient(timeout=30, trust_env=False) as probe:
         before = await overhead_histogram(probe, memlane.url)
         grown_before = await counters(probe, memlane.url, GROWTH_COUNTERS)
+        store_before = await store_memory_mib(probe, memlane.url)
         measured_s = args.minutes * 60 - warmup_s
         print(f"  load: {measured_s:.0f} s at c={args.concurrency}", flush=True)
         measured_from = len(samples)
         load = await closed_loop(chat, args.concurrency, measured_s, proxied=True, fact_pool=args.fact_pool)
         after = await overhead_histogram(probe, memlane.url)
         grown_after = await counters(probe, memlane.url, GROWTH_COUNTERS)
+        store_after = await store_memory_mib(probe, memlane.url)
     stop.set()
     await sampler
     direct_after = await closed_loop(direct, args.concurrency, baseline_s, proxied=False)
@@ -207,6 +220,7 @@ async def run(args: argparse.Namespace, upstream: str, memlane) -> dict:  # type
         "rss_mib": {"samples": len(rss), "first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                     "min": min(rss, default=None), "max": max(rss, default=None), "drift": drift(rss)},
         "rss_series": [(round(t, 1), round(v, 1)) for t, v in samples],
+        "store_mib": {"before": store_before, "after": store_after},
         "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
     }
 
@@ -233,10 +247,17 @@ def report(r: dict) -> str:
         f"difference p50 {ms(r['added_client_p50_s'])}, p99 {ms(r['added_client_p99_s'])}",
         f"RSS: {rss['first']:.0f} -> {rss['last']:.0f} MiB (min {rss['min']:.0f}, max {rss['max']:.0f}, "
         f"{rss['samples']} samples), drift {drift_text} (target < 10%)" if rss["samples"] else "RSS: no samples",
+        f"DuckDB's own count (memlane_store_memory_bytes): {_tags(r['store_mib']['before'])} -> "
+        f"{_tags(r['store_mib']['after'])}",
         f"memory headers: {r['memory_headers']}; load average at the end {r['loadavg_end'][0]:.1f} "
         f"on {r['cpus']} CPUs",
     ]
     return "\n".join(lines)
+
+
+def _tags(held: dict[str, float]) -> str:
+    parts = ", ".join(f"{tag} {mib:.0f}" for tag, mib in sorted(held.items(), key=lambda kv: -kv[1]) if mib >= 1)
+    return f"{sum(held.values()):.0f} MiB ({parts})" if held else "n/a"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
