@@ -99,6 +99,7 @@ log = structlog.get_logger("memlane.store")
 # The learner's done jobs are kept this long for inspection (`GET /v1/learner/jobs/{id}`).
 DONE_JOBS_KEPT = timedelta(hours=1)
 
+
 def _connect(
     path: str | Path, *, read_only: bool, encryption_key: str | None
 ) -> duckdb.DuckDBPyConnection:
