@@ -44,10 +44,12 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.benchmarks import plots
+from tests.benchmarks.ablate.sitecustomize import PARTS as ABLATABLE
 from tests.benchmarks.progress import counting, track
 from tests.e2e.fake_upstream import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+ABLATE_DIR = Path(__file__).resolve().parent / "ablate"  # put on memlane's PYTHONPATH by --without
 MODEL = "gpt-4o-mini"
 CONCURRENCY = (1, 16, 64)
 
@@ -604,6 +606,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--memories and --seed (embedding 10,000 memories takes ~30 s on an idle 2-core machine)")
     p.add_argument("--memlane-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for memlane, to try a setting (e.g. MEMLANE_TORCH_THREADS=2); repeatable")
+    p.add_argument("--without", choices=ABLATABLE, default=None, metavar="PART",
+                   help="take one part of memlane's background work away (a no-op inside the server, "
+                        f"tests/benchmarks/ablate): {', '.join(ABLATABLE)}; compare against a run without this")
     p.add_argument("--ready-timeout", type=float, default=180)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR",
@@ -622,6 +627,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--memlane-env takes KEY=VALUE")
     if len(args.round_size) != len(args.concurrency):
         p.error("--round-size needs one value per --concurrency")
+    if args.without:
+        if "PYTHONPATH" in args.memlane_env:
+            p.error("--without sets memlane's PYTHONPATH; drop PYTHONPATH from --memlane-env")
+        args.memlane_env |= {"PYTHONPATH": str(ABLATE_DIR), "MEMLANE_BENCH_WITHOUT": args.without}
     return args
 
 
@@ -650,7 +659,7 @@ def run(args: argparse.Namespace) -> dict:
         "plan": {"concurrency": list(plan.concurrency), "round_size": plan.round_size, "rounds": plan.rounds,
                  "warmup_rounds": plan.warmup_rounds, "min_rounds": plan.min_rounds, "budget_s": plan.budget_s,
                  "memories": args.memories, "seed": args.seed,
-                 "memlane_env": args.memlane_env, "quick": args.quick,
+                 "memlane_env": args.memlane_env, "without": args.without, "quick": args.quick,
                  "load_loop": args.loop},
         "settings": {},
     }
