@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import duckdb
-import pyarrow as pa
 
 __all__ = ["InteractionLog", "InteractionRecord"]
 
-_SMALL_BATCH = 4  # rows; above this an interactions batch goes in as an Arrow table
 _COLUMNS = (
     "request_id",
     "user_id",
@@ -36,6 +34,12 @@ _COLUMNS = (
     "conversation_id",
 )
 _JSON_COLUMNS = frozenset({"request_received", "request_sent", "response", "usage"})
+_TYPES = {"created_at": "TIMESTAMP", "stream": "BOOLEAN", "status_code": "INTEGER",
+          "latency_ms": "DOUBLE", "ttft_ms": "DOUBLE"}  # the rest: VARCHAR (JSON columns cast on insert)
+_INSERT = (
+    f"INSERT INTO interactions ({', '.join(_COLUMNS)}) SELECT "
+    + ", ".join(f"unnest(${i}::{_TYPES.get(name, 'VARCHAR')}[])" for i, name in enumerate(_COLUMNS, 1))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,14 @@ def _json_param(value: dict | None) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
+def _column_lists(records: Sequence[InteractionRecord]) -> list[list]:
+    return [
+        [_json_param(getattr(r, name)) for r in records] if name in _JSON_COLUMNS
+        else [getattr(r, name) for r in records]
+        for name in _COLUMNS
+    ]
+
+
 class InteractionLog:
     """Needs `_write_lock` and `_writable_cursor()`/`_cursor()` from the store."""
 
@@ -73,40 +85,20 @@ class InteractionLog:
     def _joined_transaction(self, cursor: duckdb.DuckDBPyConnection) -> AbstractContextManager[None]: ...
 
     def log_interactions(self, records: Sequence[InteractionRecord]) -> None:
-        """Append interactions in one transaction.
+        """Append interactions in one transaction, as one statement: each column goes in as one
+        list parameter and `unnest` zips them back into rows.
 
         Request ids are unique by construction (the proxy makes them); a duplicate is an error.
-        A handful of rows go in as parameters (~1 ms a row); a larger batch goes in as one
-        Arrow table (~6 ms for 64 rows). ``INSERT OR IGNORE`` cost 3-15 ms a row and is not used.
+        Rows as parameters cost ~1 ms a row; an Arrow table held the interpreter lock while
+        DuckDB bound its view (three times) and built its scanner, and the request path waited
+        (docs/benchmarks.md, "What the c = 1 tail is made of").
         """
         if not records:
             return
-        params = [
-            [
-                _json_param(value) if name in _JSON_COLUMNS else value
-                for name in _COLUMNS
-                for value in (getattr(r, name),)
-            ]
-            for r in records
-        ]
-        columns = ", ".join(_COLUMNS)
         with self._write_lock:
             cursor = self._writable_cursor()
-            if len(params) <= _SMALL_BATCH:
-                placeholders = ", ".join("?" for _ in _COLUMNS)
-                with self._joined_transaction(cursor):
-                    cursor.executemany(
-                        f"INSERT INTO interactions ({columns}) VALUES ({placeholders})", params
-                    )
-                return
-            batch = pa.table({name: [row[i] for row in params] for i, name in enumerate(_COLUMNS)})
-            cursor.register("interactions_batch", batch)
-            try:
-                cursor.execute(
-                    f"INSERT INTO interactions ({columns}) SELECT {columns} FROM interactions_batch"
-                )
-            finally:
-                cursor.unregister("interactions_batch")
+            with self._joined_transaction(cursor):
+                cursor.execute(_INSERT, _column_lists(records))
 
     def interactions(self, *, user_id: str | None = None, limit: int = 100) -> list[dict]:
         """Logged interactions, newest first, JSON columns decoded to dicts."""

@@ -30,7 +30,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from memory.rows import first_row
 
@@ -41,7 +40,13 @@ _JOB_COLUMNS = (
     "id", "kind", "user_id", "input", "conversation_id", "state", "attempts", "next_attempt_at",
     "lease_owner", "leased_until", "last_error", "result", "created_at", "updated_at", "finished_at",
 )
-_SMALL_BATCH = 4  # rows; above this a batch of jobs goes in as an Arrow table
+_JOB_TYPES = {"attempts": "INTEGER", "next_attempt_at": "TIMESTAMP", "leased_until": "TIMESTAMP",
+              "created_at": "TIMESTAMP", "updated_at": "TIMESTAMP", "finished_at": "TIMESTAMP"}
+# One list parameter per column, zipped back into rows by `unnest` (see `log_interactions`).
+_INSERT_JOBS = (
+    f"INSERT INTO learner_jobs ({', '.join(_JOB_COLUMNS)}) SELECT "
+    + ", ".join(f"unnest(${i}::{_JOB_TYPES.get(name, 'VARCHAR')}[])" for i, name in enumerate(_JOB_COLUMNS, 1))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,19 +157,7 @@ class JobQueue:
             if not rows:
                 return
             self._count_learned(cursor, Counter(j.user_id for j, _ in done), now)
-            columns = ", ".join(_JOB_COLUMNS)
-            if len(rows) <= _SMALL_BATCH:
-                cursor.executemany(
-                    f"INSERT INTO learner_jobs ({columns}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})", rows
-                )
-                return
-            batch = pa.table({name: [row[i] for row in rows] for i, name in enumerate(_JOB_COLUMNS)},
-                             schema=_arrow_schema())
-            cursor.register("learner_jobs_batch", batch)
-            try:
-                cursor.execute(f"INSERT INTO learner_jobs ({columns}) SELECT {columns} FROM learner_jobs_batch")
-            finally:
-                cursor.unregister("learner_jobs_batch")
+            cursor.execute(_INSERT_JOBS, [list(column) for column in zip(*rows, strict=True)])
 
     # -- lease, complete, fail -------------------------------------------------------------
 
@@ -417,10 +410,3 @@ class JobQueue:
                 [state, error, self.clock.now(), request_id],
             ).fetchall()
         return bool(rows)
-
-
-def _arrow_schema() -> pa.Schema:
-    ts = pa.timestamp("us")
-    types = {"attempts": pa.int32(), "next_attempt_at": ts, "leased_until": ts, "created_at": ts,
-             "updated_at": ts, "finished_at": ts}
-    return pa.schema([(name, types.get(name, pa.string())) for name in _JOB_COLUMNS])
