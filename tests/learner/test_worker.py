@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import datetime
 
+import learner.worker
 from learner import Exchange, LearnerWorker, assemble
 from memory import HashEmbedder, MemoryStore
 
@@ -92,6 +93,53 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):
     worker.start()
     worker.stop()
     assert len(store.interactions(limit=100)) == 5
+
+
+def test_rows_arriving_one_by_one_go_in_one_batch_without_waking_the_writer_for_each(tmp_path):
+    """The writer waits for more rows by looking at the queue a few times, not by blocking on
+    it for each row: each such wake-up took the interpreter lock from the event loop in the
+    middle of the request that had just queued its row."""
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    batches: list[int] = []
+
+    class Observer:
+        def queue_depth(self, depth): ...
+        def dropped(self): ...
+        def written(self, rows): batches.append(rows)
+        def extracted(self, n): ...
+
+    worker = LearnerWorker(store, HashEmbedder(), observer=Observer())
+    blocking_gets = 0
+    get = worker._queue.get
+
+    def counted(block=True, timeout=None):
+        nonlocal blocking_gets
+        blocking_gets += bool(block)
+        return get(block, timeout)
+
+    worker._queue.get = counted  # type: ignore[method-assign]
+    worker.start()
+    for i in range(12):
+        worker.submit(exchange(i, "What's the weather like?"))
+        time.sleep(0.01)  # 120 ms in all: within one linger
+    assert worker.drain()
+    worker.stop()
+    assert batches == [12]
+    assert blocking_gets <= 3  # the first row of the batch, the stop, and one spare; was one per row
+    assert len(store.interactions(limit=20)) == 12
+
+
+def test_stop_ends_a_linger_at_once_and_writes_what_it_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(learner.worker, "_LINGER_S", 3.0)
+    store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
+    worker = LearnerWorker(store, HashEmbedder())
+    worker.start()
+    worker.submit(exchange(1, "What's the weather like?"))
+    time.sleep(0.02)  # the writer has the row and lingers for more
+    started = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - started < 1.5  # not the rest of the 3 s linger
+    assert [r["request_id"] for r in store.interactions(limit=10)] == ["req_0001"]
 
 
 def test_stop_drains_everything_accepted(tmp_path):
