@@ -235,9 +235,9 @@ class LearnerWorker:
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, True
+                return batch, True  # type: ignore[return-value]
             batch.append(item)
-        return batch, False
+        return batch, False  # type: ignore[return-value]
 
     def _process(self, batch: Sequence[Exchange]) -> None:
         jobs, done = self._settle([j for e in batch if (j := job_of(e)) is not None])
