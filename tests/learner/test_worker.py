@@ -95,10 +95,11 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):
     assert len(store.interactions(limit=100)) == 5
 
 
-def test_rows_arriving_one_by_one_go_in_one_batch_without_waking_the_writer_for_each(tmp_path):
+def test_rows_arriving_one_by_one_go_in_one_batch_without_waking_the_writer_for_each(tmp_path, monkeypatch):
     """The writer waits for more rows by looking at the queue a few times, not by blocking on
     it for each row: each such wake-up took the interpreter lock from the event loop in the
     middle of the request that had just queued its row."""
+    monkeypatch.setattr(learner.worker, "_LINGER_S", 1.0)  # the 12 rows arrive well within it
     store = MemoryStore.open(tmp_path / "l.duckdb", embedder=HashEmbedder())
     batches: list[int] = []
 
@@ -121,7 +122,7 @@ def test_rows_arriving_one_by_one_go_in_one_batch_without_waking_the_writer_for_
     worker.start()
     for i in range(12):
         worker.submit(exchange(i, "What's the weather like?"))
-        time.sleep(0.01)  # 120 ms in all: within one linger
+        time.sleep(0.01)
     assert worker.drain()
     worker.stop()
     assert batches == [12]
